@@ -1,0 +1,260 @@
+//! The billing rules: plan status, access, and how one Stripe event changes an organization's
+//! billing state. Everything here is pure (no I/O), so every rule is tested as a table.
+//!
+//! Ordering is decided on Stripe's `created` (whole seconds): a change from an event newer than
+//! the one that set the stored state applies, an older one is stale. Two events in the same
+//! second are a tie; without the Stripe API to ask, [`tie_prefers`] decides deterministically by
+//! how far each status is along the subscription lifecycle.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Stripe's subscription status, plus `none` for an organization with no subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(type_name = "plan_status", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum PlanStatus {
+    /// No subscription (or never had one).
+    None,
+    /// Created, first payment not yet confirmed (e.g. waiting for 3-D Secure).
+    Incomplete,
+    /// The first payment was never confirmed within 23 hours; terminal.
+    IncompleteExpired,
+    /// In a trial period.
+    Trialing,
+    /// Paid and running.
+    Active,
+    /// A renewal payment failed; Stripe is retrying.
+    PastDue,
+    /// Ended; terminal.
+    Canceled,
+    /// Retries exhausted, left open unpaid.
+    Unpaid,
+    /// Paused (trial ended without a payment method, or paused by the merchant).
+    Paused,
+}
+
+impl PlanStatus {
+    /// All nine values, in declaration order.
+    pub const ALL: [PlanStatus; 9] = [
+        PlanStatus::None,
+        PlanStatus::Incomplete,
+        PlanStatus::IncompleteExpired,
+        PlanStatus::Trialing,
+        PlanStatus::Active,
+        PlanStatus::PastDue,
+        PlanStatus::Canceled,
+        PlanStatus::Unpaid,
+        PlanStatus::Paused,
+    ];
+
+    /// Parses Stripe's `subscription.status` string; `None` for a value Stripe does not send.
+    pub fn from_stripe(status: &str) -> Option<PlanStatus> {
+        PlanStatus::ALL
+            .into_iter()
+            .find(|s| s.as_str() == status && *s != PlanStatus::None)
+    }
+
+    /// The snake_case name used by Stripe, the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanStatus::None => "none",
+            PlanStatus::Incomplete => "incomplete",
+            PlanStatus::IncompleteExpired => "incomplete_expired",
+            PlanStatus::Trialing => "trialing",
+            PlanStatus::Active => "active",
+            PlanStatus::PastDue => "past_due",
+            PlanStatus::Canceled => "canceled",
+            PlanStatus::Unpaid => "unpaid",
+            PlanStatus::Paused => "paused",
+        }
+    }
+
+    /// A subscription in this status can never become active again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, PlanStatus::Canceled | PlanStatus::IncompleteExpired)
+    }
+
+    /// How far along the subscription lifecycle a status is; used only to break same-second ties.
+    fn lifecycle_rank(self) -> u8 {
+        match self {
+            PlanStatus::None => 0,
+            PlanStatus::Incomplete => 1,
+            PlanStatus::Trialing => 2,
+            PlanStatus::Active => 3,
+            PlanStatus::PastDue => 4,
+            PlanStatus::Unpaid => 5,
+            PlanStatus::Paused => 6,
+            PlanStatus::Canceled | PlanStatus::IncompleteExpired => 7,
+        }
+    }
+}
+
+impl std::fmt::Display for PlanStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the product lets an organization do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Everything.
+    Full,
+    /// Soft block: reads allowed, writes refused.
+    ReadOnly,
+    /// Hard block: send the user to billing.
+    Blocked,
+}
+
+/// The one place access is derived from plan status (DESIGN.md, "Billing state rules").
+pub fn access(status: PlanStatus) -> Access {
+    match status {
+        PlanStatus::None | PlanStatus::Active | PlanStatus::Trialing => Access::Full,
+        PlanStatus::PastDue => Access::ReadOnly,
+        PlanStatus::Incomplete
+        | PlanStatus::IncompleteExpired
+        | PlanStatus::Unpaid
+        | PlanStatus::Canceled
+        | PlanStatus::Paused => Access::Blocked,
+    }
+}
+
+/// The plan name recorded for a one-time (lifetime) purchase.
+pub const LIFETIME_PLAN: &str = "lifetime";
+
+/// The billing columns of an organization that events change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingState {
+    /// `basic`, `premium`, `enterprise`, `lifetime`, or unknown.
+    pub plan: Option<String>,
+    /// Stripe's subscription status, or `none`.
+    pub plan_status: PlanStatus,
+    /// The subscription this state describes.
+    pub subscription_id: Option<String>,
+    /// The subscription ends at `current_period_end` instead of renewing.
+    pub cancel_at_period_end: bool,
+    /// End of the paid period.
+    pub current_period_end: Option<DateTime<Utc>>,
+    /// When the subscription ended, if it has.
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// What one event says about an organization's billing state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BillingChange {
+    /// A full subscription object (subscription events, or a refetch): replaces the state.
+    Subscription(BillingState),
+    /// `invoice.paid` for a subscription.
+    InvoicePaid {
+        /// The invoice's subscription.
+        subscription_id: String,
+        /// Amount paid, in the smallest currency unit; 0 for a trial invoice.
+        amount_paid: i64,
+    },
+    /// `invoice.payment_failed` for a subscription.
+    InvoicePaymentFailed {
+        /// The invoice's subscription.
+        subscription_id: String,
+    },
+    /// A paid one-time checkout: active for life, no subscription.
+    LifetimePurchase,
+}
+
+/// The result of applying a change to a state, ordering aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The state becomes this.
+    Changed(BillingState),
+    /// The change does not apply to this state; the reason is kept in the audit row.
+    Unchanged(&'static str),
+}
+
+/// Applies one change to the current state. Ordering is decided separately ([`precedence`]).
+pub fn apply_change(current: &BillingState, change: &BillingChange) -> Outcome {
+    match change {
+        BillingChange::Subscription(next) => Outcome::Changed(next.clone()),
+        BillingChange::LifetimePurchase => Outcome::Changed(BillingState {
+            plan: Some(LIFETIME_PLAN.to_owned()),
+            plan_status: PlanStatus::Active,
+            subscription_id: None,
+            cancel_at_period_end: false,
+            current_period_end: None,
+            ended_at: None,
+        }),
+        BillingChange::InvoicePaid {
+            subscription_id,
+            amount_paid,
+        } => {
+            if let Some(reason) = invoice_mismatch(current, subscription_id) {
+                return Outcome::Unchanged(reason);
+            }
+            if *amount_paid == 0 && current.plan_status == PlanStatus::Trialing {
+                return Outcome::Unchanged("a $0 trial invoice leaves trialing as it is");
+            }
+            Outcome::Changed(BillingState {
+                plan_status: PlanStatus::Active,
+                subscription_id: Some(subscription_id.clone()),
+                ..current.clone()
+            })
+        }
+        BillingChange::InvoicePaymentFailed { subscription_id } => {
+            if let Some(reason) = invoice_mismatch(current, subscription_id) {
+                return Outcome::Unchanged(reason);
+            }
+            if current.plan_status == PlanStatus::Incomplete {
+                return Outcome::Unchanged(
+                    "a failed first payment leaves the subscription incomplete",
+                );
+            }
+            Outcome::Changed(BillingState {
+                plan_status: PlanStatus::PastDue,
+                subscription_id: Some(subscription_id.clone()),
+                ..current.clone()
+            })
+        }
+    }
+}
+
+/// Why an invoice event cannot change this state, if it cannot.
+fn invoice_mismatch(current: &BillingState, invoice_subscription: &str) -> Option<&'static str> {
+    match &current.subscription_id {
+        Some(current_id) if current_id != invoice_subscription => {
+            Some("invoice of a subscription that is not the organization's current one")
+        }
+        _ if current.plan_status.is_terminal() => Some("the subscription has already ended"),
+        _ => None,
+    }
+}
+
+/// How an event's `created` compares with the `created` of the event behind the stored state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precedence {
+    /// Newer (or nothing stored yet): the change applies.
+    Newer,
+    /// Older: the change is stale and is not applied.
+    Older,
+    /// Same second: a tie to break.
+    Tie,
+}
+
+/// Compares an event's `created` with the state's.
+pub fn precedence(event_created: DateTime<Utc>, state_created: Option<DateTime<Utc>>) -> Precedence {
+    match state_created {
+        None => Precedence::Newer,
+        Some(state) if event_created > state => Precedence::Newer,
+        Some(state) if event_created < state => Precedence::Older,
+        Some(_) => Precedence::Tie,
+    }
+}
+
+/// The deterministic tie rule used when the Stripe API is not configured: between two states set
+/// in the same second, the one further along the subscription lifecycle wins
+/// (incomplete < trialing < active < past_due < unpaid < paused < canceled / incomplete_expired);
+/// at equal rank the candidate wins, so a full subscription snapshot replaces an invoice's
+/// status-only change. Stripe's own transitions within one second go forward in this order
+/// (created → paid; payment failed → past_due; → canceled), which is why it is the tie rule.
+pub fn tie_prefers(current: PlanStatus, candidate: PlanStatus) -> bool {
+    candidate.lifecycle_rank() >= current.lifecycle_rank()
+}

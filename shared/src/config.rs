@@ -1,0 +1,315 @@
+//! Configuration: the only module that reads the environment. Each binary gets one typed
+//! config, validated once at start; a missing or malformed variable is an error naming it, and
+//! `main` exits non-zero with that message. Secrets are `SecretString`, so `Debug` prints
+//! `[REDACTED]` instead of them.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::stripe::PlanMapping;
+
+/// A variable that is missing or cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required variable is not set (or empty).
+    #[error("{0} is required but not set")]
+    Missing(&'static str),
+    /// A variable is set to something unusable.
+    #[error("{name} is invalid: {reason}")]
+    Invalid {
+        /// The variable.
+        name: &'static str,
+        /// What is wrong with it (never its value, which may be a secret).
+        reason: String,
+    },
+}
+
+/// Where variables come from: the process environment, or a map in tests.
+pub struct Source(Box<dyn Fn(&str) -> Option<String>>);
+
+impl Source {
+    /// The process environment.
+    pub fn env() -> Source {
+        Source(Box::new(|name| std::env::var(name).ok()))
+    }
+
+    /// Fixed pairs, for tests.
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Source {
+        let pairs: Vec<(String, String)> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Source(Box::new(move |name| {
+            pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        }))
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.get(name).ok_or(ConfigError::Missing(name))
+    }
+
+    fn secret(&self, name: &'static str) -> Result<SecretString, ConfigError> {
+        self.required(name).map(SecretString::from)
+    }
+
+    fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(raw) => raw.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
+                name,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn positive(&self, name: &'static str, default: u64) -> Result<u64, ConfigError> {
+        match self.parsed(name, default)? {
+            0 => Err(ConfigError::Invalid { name, reason: "must be greater than 0".into() }),
+            n => Ok(n),
+        }
+    }
+
+    fn database_url(&self) -> Result<String, ConfigError> {
+        let url = self.required("DATABASE_URL")?;
+        sqlx::postgres::PgConnectOptions::from_str(&url).map_err(|e| ConfigError::Invalid {
+            name: "DATABASE_URL",
+            reason: e.to_string(),
+        })?;
+        Ok(url)
+    }
+
+    fn redis_url(&self) -> Result<String, ConfigError> {
+        let url = self.required("REDIS_URL")?;
+        redis::Client::open(url.as_str()).map_err(|e| ConfigError::Invalid {
+            name: "REDIS_URL",
+            reason: e.to_string(),
+        })?;
+        Ok(url)
+    }
+
+    fn queue_prefix(&self) -> Result<String, ConfigError> {
+        let prefix = self.get("QUEUE_PREFIX").unwrap_or_else(|| "billing".to_owned());
+        if prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_:.".contains(c)) {
+            Ok(prefix)
+        } else {
+            Err(ConfigError::Invalid {
+                name: "QUEUE_PREFIX",
+                reason: "use letters, digits and - _ : . only".into(),
+            })
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (local runs).
+    Text,
+    /// One JSON object per line (deployed).
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("expected text or json, got {other:?}")),
+        }
+    }
+}
+
+/// Only `DATABASE_URL`: for `worker migrate` and the operator commands.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// Postgres connection URL.
+    pub url: String,
+    /// Pool size (`DATABASE_MAX_CONNECTIONS`).
+    pub max_connections: u32,
+}
+
+impl DatabaseConfig {
+    /// Reads `DATABASE_URL` and `DATABASE_MAX_CONNECTIONS` (default `default_pool`).
+    pub fn load(source: &Source, default_pool: u32) -> Result<DatabaseConfig, ConfigError> {
+        Ok(DatabaseConfig {
+            url: source.database_url()?,
+            max_connections: source.positive("DATABASE_MAX_CONNECTIONS", default_pool.into())? as u32,
+        })
+    }
+}
+
+/// Redis and the queue names.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Redis connection URL.
+    pub redis_url: String,
+    /// Prefix of every queue name (`QUEUE_PREFIX`, default `billing`), so several
+    /// deployments (or tests) can share one Redis.
+    pub prefix: String,
+}
+
+impl QueueConfig {
+    /// Reads `REDIS_URL` and `QUEUE_PREFIX`.
+    pub fn load(source: &Source) -> Result<QueueConfig, ConfigError> {
+        Ok(QueueConfig { redis_url: source.redis_url()?, prefix: source.queue_prefix()? })
+    }
+}
+
+/// Everything `ingest` needs.
+#[derive(Debug)]
+pub struct IngestConfig {
+    /// Postgres.
+    pub database: DatabaseConfig,
+    /// Redis queue.
+    pub queue: QueueConfig,
+    /// `STRIPE_WEBHOOK_SECRET`: one or more endpoint secrets, comma-separated.
+    pub webhook_secrets: Vec<SecretString>,
+    /// `INTERNAL_API_TOKEN`: bearer token of the product's backend.
+    pub internal_api_token: SecretString,
+    /// `INGEST_ADDR`, default `0.0.0.0:8080`.
+    pub listen_addr: SocketAddr,
+    /// `METRICS_ADDR`, default `0.0.0.0:9100`.
+    pub metrics_addr: SocketAddr,
+    /// `WEBHOOK_BODY_LIMIT_BYTES`, default 1 MiB.
+    pub body_limit_bytes: usize,
+    /// `LOG_FORMAT`, `text` (default) or `json`.
+    pub log_format: LogFormat,
+}
+
+impl IngestConfig {
+    /// Reads and validates every ingest variable.
+    pub fn load(source: &Source) -> Result<IngestConfig, ConfigError> {
+        let secrets: Vec<SecretString> = source
+            .required("STRIPE_WEBHOOK_SECRET")?
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| SecretString::from(s.to_owned()))
+            .collect();
+        if secrets.is_empty() {
+            return Err(ConfigError::Missing("STRIPE_WEBHOOK_SECRET"));
+        }
+        Ok(IngestConfig {
+            database: DatabaseConfig::load(source, 16)?,
+            queue: QueueConfig::load(source)?,
+            webhook_secrets: secrets,
+            internal_api_token: source.secret("INTERNAL_API_TOKEN")?,
+            listen_addr: source.parsed("INGEST_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9100)))?,
+            body_limit_bytes: source.positive("WEBHOOK_BODY_LIMIT_BYTES", 1024 * 1024)? as usize,
+            log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
+        })
+    }
+}
+
+/// Everything `worker run` needs.
+#[derive(Debug)]
+pub struct WorkerConfig {
+    /// Postgres.
+    pub database: DatabaseConfig,
+    /// Redis queue.
+    pub queue: QueueConfig,
+    /// Price and product keys that name the plans.
+    pub plans: PlanMapping,
+    /// `STRIPE_SECRET_KEY`: enables refetching subscriptions to settle ties.
+    pub stripe_secret_key: Option<SecretString>,
+    /// `STRIPE_API_BASE`, default Stripe's API; tests point it at a local fake.
+    pub stripe_api_base: String,
+    /// `METRICS_ADDR`, default `0.0.0.0:9101`.
+    pub metrics_addr: SocketAddr,
+    /// `WORKER_CONCURRENCY`: jobs in flight per process, default 8.
+    pub concurrency: usize,
+    /// `QUEUE_POLL_INTERVAL_MS`: how often an idle worker looks for jobs, default 250.
+    pub poll_interval: Duration,
+    /// `LOG_FORMAT`, `text` (default) or `json`.
+    pub log_format: LogFormat,
+}
+
+impl WorkerConfig {
+    /// Reads and validates every worker variable.
+    pub fn load(source: &Source) -> Result<WorkerConfig, ConfigError> {
+        let concurrency = source.positive("WORKER_CONCURRENCY", 8)? as usize;
+        Ok(WorkerConfig {
+            database: DatabaseConfig::load(source, concurrency as u32 + 4)?,
+            queue: QueueConfig::load(source)?,
+            plans: PlanMapping {
+                basic_price: source.required("STRIPE_BASIC_PRICE_KEY")?,
+                premium_price: source.required("STRIPE_PREMIUM_PRICE_KEY")?,
+                enterprise_product: source.required("STRIPE_ENTERPRISE_PRODUCT_KEY")?,
+            },
+            stripe_secret_key: source.get("STRIPE_SECRET_KEY").map(SecretString::from),
+            stripe_api_base: source
+                .get("STRIPE_API_BASE")
+                .unwrap_or_else(|| "https://api.stripe.com".to_owned()),
+            metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
+            concurrency,
+            poll_interval: Duration::from_millis(source.positive("QUEUE_POLL_INTERVAL_MS", 250)?),
+            log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INGEST: &[(&str, &str)] = &[
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/db"),
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_old, whsec_new"),
+        ("INTERNAL_API_TOKEN", "token-123"),
+    ];
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Source {
+        let mut pairs: Vec<(&str, &str)> =
+            INGEST.iter().filter(|(k, _)| !extra.iter().any(|(e, _)| e == k)).copied().collect();
+        pairs.extend_from_slice(extra);
+        Source::from_pairs(&pairs)
+    }
+
+    #[test]
+    fn ingest_config_reads_defaults_and_secret_list() {
+        let config = IngestConfig::load(&with(&[])).expect("valid config");
+        assert_eq!(config.webhook_secrets.len(), 2);
+        assert_eq!(config.listen_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.body_limit_bytes, 1024 * 1024);
+        assert_eq!(config.queue.prefix, "billing");
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let config = IngestConfig::load(&with(&[])).expect("valid config");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("whsec_old") && !debug.contains("token-123"), "{debug}");
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let missing = IngestConfig::load(&with(&[("INTERNAL_API_TOKEN", " ")]));
+        assert_eq!(
+            missing.expect_err("must fail").to_string(),
+            "INTERNAL_API_TOKEN is required but not set"
+        );
+        let bad_addr = IngestConfig::load(&with(&[("INGEST_ADDR", "localhost")]));
+        assert!(bad_addr.expect_err("must fail").to_string().starts_with("INGEST_ADDR is invalid"));
+        let bad_db = IngestConfig::load(&with(&[("DATABASE_URL", "mysql://x")]));
+        assert!(bad_db.expect_err("must fail").to_string().starts_with("DATABASE_URL is invalid"));
+        let zero = IngestConfig::load(&with(&[("WEBHOOK_BODY_LIMIT_BYTES", "0")]));
+        assert!(zero.expect_err("must fail").to_string().contains("greater than 0"));
+        let commas = IngestConfig::load(&with(&[("STRIPE_WEBHOOK_SECRET", ",")]));
+        assert_eq!(
+            commas.expect_err("must fail").to_string(),
+            "STRIPE_WEBHOOK_SECRET is required but not set"
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! `billing_audit`: one row per decision taken on an event, append-only.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgExecutor;
+
+use crate::billing::PlanStatus;
+
+/// What was decided about an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// The event's change was applied (it was newer).
+    Applied,
+    /// The event was older than the stored state: nothing changed.
+    Stale,
+    /// Same second as the stored state; settled by the deterministic tie rule.
+    Tie,
+    /// Same second; settled by fetching the subscription from Stripe.
+    Refetched,
+    /// The organization could not be resolved yet; the event waits for its link.
+    Deferred,
+    /// Not about billing state, or cannot change it.
+    Ignored,
+    /// The event had already been processed.
+    Duplicate,
+}
+
+impl Decision {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Applied => "applied",
+            Decision::Stale => "stale",
+            Decision::Tie => "tie",
+            Decision::Refetched => "refetched",
+            Decision::Deferred => "deferred",
+            Decision::Ignored => "ignored",
+            Decision::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// A row to write.
+#[derive(Debug, Clone)]
+pub struct NewAuditEntry<'a> {
+    /// Stripe event id.
+    pub event_id: &'a str,
+    /// Stripe event type.
+    pub event_type: &'a str,
+    /// The organization concerned, when resolved.
+    pub organization_id: Option<&'a str>,
+    /// The decision.
+    pub decision: Decision,
+    /// Plan status before.
+    pub status_before: Option<PlanStatus>,
+    /// Plan status after.
+    pub status_after: Option<PlanStatus>,
+    /// Why, in words.
+    pub detail: Option<&'a str>,
+}
+
+/// Appends one decision.
+pub async fn insert<'e>(db: impl PgExecutor<'e>, entry: &NewAuditEntry<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO billing_audit
+            (event_id, event_type, organization_id, decision, status_before, status_after, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(entry.event_id)
+    .bind(entry.event_type)
+    .bind(entry.organization_id)
+    .bind(entry.decision.as_str())
+    .bind(entry.status_before)
+    .bind(entry.status_after)
+    .bind(entry.detail)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A stored decision.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct AuditRow {
+    /// Stripe event id.
+    pub event_id: String,
+    /// Stripe event type.
+    pub event_type: String,
+    /// The organization concerned.
+    pub organization_id: Option<String>,
+    /// `applied`, `stale`, …
+    pub decision: String,
+    /// Plan status before.
+    pub status_before: Option<PlanStatus>,
+    /// Plan status after.
+    pub status_after: Option<PlanStatus>,
+    /// Why, in words.
+    pub detail: Option<String>,
+    /// When the decision was taken.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Every decision taken on one event, oldest first.
+pub async fn for_event<'e>(db: impl PgExecutor<'e>, event_id: &str) -> Result<Vec<AuditRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT event_id, event_type, organization_id, decision, status_before, status_after,
+                detail, created_at
+         FROM billing_audit WHERE event_id = $1 ORDER BY id",
+    )
+    .bind(event_id)
+    .fetch_all(db)
+    .await
+}

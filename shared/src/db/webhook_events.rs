@@ -1,0 +1,138 @@
+//! `webhook_events`: the inbox. Ingest inserts each verified event with its exact raw bytes;
+//! the worker records its fate in `status`:
+//! `pending` → `processed` (a decision was recorded), or `deferred` (waiting for the
+//! organization's link, released by [`release_deferred`]), or `dead`.
+//! `enqueued_at` is when a job was last pushed for the row; a pending row whose job is older
+//! than a grace period is what a sweeper re-enqueues.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgExecutor;
+
+/// A verified event, as ingest stores it.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    /// `evt_…`
+    pub id: &'a str,
+    /// Event type.
+    pub event_type: &'a str,
+    /// Live or test mode.
+    pub livemode: bool,
+    /// API version of the payload.
+    pub api_version: Option<&'a str>,
+    /// Stripe's `created`.
+    pub stripe_created: DateTime<Utc>,
+    /// The exact bytes received.
+    pub payload: &'a [u8],
+}
+
+/// Stores the event; `false` when an event with this id is already stored (nothing changes).
+pub async fn insert<'e>(db: impl PgExecutor<'e>, event: &NewEvent<'_>) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
+        "INSERT INTO webhook_events (id, type, livemode, api_version, stripe_created, payload)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(event.id)
+    .bind(event.event_type)
+    .bind(event.livemode)
+    .bind(event.api_version)
+    .bind(event.stripe_created)
+    .bind(event.payload)
+    .execute(db)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// A stored event.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct StoredEvent {
+    /// `evt_…`
+    pub id: String,
+    /// Event type.
+    #[sqlx(rename = "type")]
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Live or test mode.
+    pub livemode: bool,
+    /// API version of the payload.
+    pub api_version: Option<String>,
+    /// Stripe's `created`.
+    pub stripe_created: DateTime<Utc>,
+    /// The exact bytes received.
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    /// When ingest committed it.
+    pub received_at: DateTime<Utc>,
+    /// `pending`, `deferred`, `processed` or `dead`.
+    pub status: String,
+    /// Failed attempts so far.
+    pub attempts: i32,
+    /// The last failure or deferral reason.
+    pub last_error: Option<String>,
+    /// The customer a deferred event waits for.
+    pub stripe_customer_id: Option<String>,
+    /// When it was processed.
+    pub processed_at: Option<DateTime<Utc>>,
+    /// When a job was last pushed for it.
+    pub enqueued_at: DateTime<Utc>,
+}
+
+/// One stored event.
+pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, type, livemode, api_version, stripe_created, payload, received_at, status,
+                attempts, last_error, stripe_customer_id, processed_at, enqueued_at
+         FROM webhook_events WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Records that a decision was committed for the event.
+pub async fn mark_processed<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_events SET status = 'processed', processed_at = now(), last_error = NULL
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Parks the event until the organization of `customer_id` is linked.
+pub async fn mark_deferred<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+    customer_id: Option<&str>,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_events SET status = 'deferred', stripe_customer_id = $2, last_error = $3
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(customer_id)
+    .bind(reason)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Makes the deferred events of a customer pending again (its link was just written) and
+/// returns their ids, so the caller can enqueue them after commit.
+pub async fn release_deferred<'e>(
+    db: impl PgExecutor<'e>,
+    customer_id: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE webhook_events SET status = 'pending', enqueued_at = now()
+         WHERE status = 'deferred' AND stripe_customer_id = $1
+         RETURNING id",
+    )
+    .bind(customer_id)
+    .fetch_all(db)
+    .await
+}

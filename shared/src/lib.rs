@@ -1,0 +1,12 @@
+//! What `ingest` and `worker` share: configuration, all SQL, the billing rules, the Stripe
+//! payload models, signature checks, the queue, telemetry and metrics.
+
+pub mod billing;
+pub mod config;
+pub mod db;
+pub mod metrics;
+pub mod queue;
+pub mod shutdown;
+pub mod signature;
+pub mod stripe;
+pub mod telemetry;

@@ -1,0 +1,57 @@
+//! Metrics: every name is defined here, under the `billing_` namespace, and served in the
+//! Prometheus text format on its own listener (`METRICS_ADDR`), away from Stripe's traffic.
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Webhook requests by outcome (`stored`, `duplicate`, `bad_signature`, `bad_payload`,
+/// `too_large`, `store_failed`).
+pub const WEBHOOKS_RECEIVED: &str = "billing_webhooks_received_total";
+/// Jobs ingest could not push after storing the event (the sweeper will).
+pub const ENQUEUE_FAILURES: &str = "billing_enqueue_failures_total";
+/// Time to answer a webhook.
+pub const WEBHOOK_DURATION: &str = "billing_webhook_duration_seconds";
+/// Events decided by the worker, by `decision`.
+pub const EVENTS_DECIDED: &str = "billing_events_decided_total";
+/// Failed apply attempts, by `kind` (`transient`, `permanent`).
+pub const EVENT_FAILURES: &str = "billing_event_failures_total";
+/// Time to apply one event.
+pub const APPLY_DURATION: &str = "billing_event_apply_duration_seconds";
+/// From ingest's commit to the worker's commit of the decision.
+pub const EVENT_LAG: &str = "billing_event_lag_seconds";
+
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LAG_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+/// Installs the process-wide recorder with histogram buckets, and keeps it tidy in the
+/// background. Call once per process, inside the Tokio runtime.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(WEBHOOK_DURATION.into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(APPLY_DURATION.into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(EVENT_LAG.into()), LAG_BUCKETS)?
+        .install_recorder()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(handle.render())),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

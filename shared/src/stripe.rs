@@ -1,0 +1,447 @@
+//! Lenient models of the Stripe objects this service reads: only the fields it uses, accepting
+//! both current (2025-03-31 "basil" and later) and older API versions. A typed client model
+//! needs every required field of one pinned API version and fails on events from endpoints on
+//! other versions; these models never do, so every stored event can be read.
+//!
+//! [`interpret`] turns one event into what the billing rules need: who it is about and what it
+//! changes.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use crate::billing::{BillingChange, BillingState, PlanStatus};
+
+/// The envelope fields ingest stores next to the raw body. Borrowed: ingest parses nothing else.
+#[derive(Debug, Deserialize)]
+pub struct EventEnvelope<'a> {
+    /// `evt_…`
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    /// e.g. `invoice.paid`
+    #[serde(rename = "type", borrow)]
+    pub event_type: Cow<'a, str>,
+    /// Unix seconds.
+    pub created: i64,
+    /// Live or test mode.
+    #[serde(default)]
+    pub livemode: bool,
+    /// The API version the payload is rendered in.
+    #[serde(default, borrow)]
+    pub api_version: Option<Cow<'a, str>>,
+}
+
+/// A whole event as the worker reads it.
+#[derive(Debug, Deserialize)]
+pub struct Event {
+    /// `evt_…`
+    pub id: String,
+    /// e.g. `invoice.paid`
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// `data.object` is kept as JSON and read by type.
+    pub data: EventData,
+}
+
+/// `event.data`.
+#[derive(Debug, Deserialize)]
+pub struct EventData {
+    /// The object the event is about.
+    pub object: serde_json::Value,
+}
+
+/// A field Stripe sends either as an id or, when expanded, as the object.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Expandable {
+    /// Not expanded: just the id.
+    Id(String),
+    /// Expanded object.
+    Object {
+        /// The object's id.
+        id: String,
+        /// The object's metadata, when it has some.
+        #[serde(default)]
+        metadata: Option<HashMap<String, String>>,
+    },
+}
+
+impl Expandable {
+    /// The id, expanded or not.
+    pub fn id(&self) -> &str {
+        match self {
+            Expandable::Id(id) | Expandable::Object { id, .. } => id,
+        }
+    }
+
+    fn organization_id(&self) -> Option<&str> {
+        match self {
+            Expandable::Id(_) => None,
+            Expandable::Object { metadata, .. } => metadata_organization_id(metadata),
+        }
+    }
+}
+
+/// The metadata key under which the product stores its organization id on Stripe objects.
+pub const ORGANIZATION_METADATA_KEY: &str = "organization_id";
+
+fn metadata_organization_id(metadata: &Option<HashMap<String, String>>) -> Option<&str> {
+    metadata
+        .as_ref()?
+        .get(ORGANIZATION_METADATA_KEY)
+        .map(String::as_str)
+        .filter(|id| !id.is_empty())
+}
+
+/// `checkout.session` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct CheckoutSession {
+    /// `payment`, `subscription` or `setup`.
+    pub mode: String,
+    /// `paid`, `unpaid` or `no_payment_required`.
+    pub payment_status: String,
+    /// The product's organization id, set when the session was created.
+    #[serde(default)]
+    pub client_reference_id: Option<String>,
+    /// The customer created or used by the session.
+    #[serde(default)]
+    pub customer: Option<Expandable>,
+    /// The subscription created by a `subscription`-mode session.
+    #[serde(default)]
+    pub subscription: Option<Expandable>,
+    /// Session metadata.
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    /// Details the customer entered.
+    #[serde(default)]
+    pub customer_details: Option<CustomerDetails>,
+    /// The email passed when the session was created.
+    #[serde(default)]
+    pub customer_email: Option<String>,
+}
+
+/// `checkout.session.customer_details`.
+#[derive(Debug, Deserialize)]
+pub struct CustomerDetails {
+    /// The email the customer entered.
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+/// `subscription` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct Subscription {
+    /// `sub_…`
+    pub id: String,
+    /// The customer billed.
+    pub customer: Expandable,
+    /// One of the eight statuses.
+    pub status: String,
+    /// Ends at period end instead of renewing.
+    #[serde(default)]
+    pub cancel_at_period_end: bool,
+    /// Only on API versions before 2025-03-31; newer ones have it per item.
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+    /// When it ended.
+    #[serde(default)]
+    pub ended_at: Option<i64>,
+    /// Subscription metadata.
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    /// The subscription items.
+    #[serde(default)]
+    pub items: Option<List<SubscriptionItem>>,
+}
+
+/// A Stripe list object.
+#[derive(Debug, Deserialize)]
+pub struct List<T> {
+    /// The page of objects.
+    pub data: Vec<T>,
+}
+
+/// `subscription_item` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct SubscriptionItem {
+    /// API 2025-03-31 and later.
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+    /// The item's price.
+    #[serde(default)]
+    pub price: Option<Price>,
+}
+
+/// `price` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct Price {
+    /// `price_…`
+    pub id: String,
+    /// The price's lookup key, if set.
+    #[serde(default)]
+    pub lookup_key: Option<String>,
+    /// The product the price belongs to.
+    #[serde(default)]
+    pub product: Option<Expandable>,
+}
+
+/// `invoice` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct Invoice {
+    /// The customer billed.
+    #[serde(default)]
+    pub customer: Option<Expandable>,
+    /// API versions before 2025-03-31.
+    #[serde(default)]
+    pub subscription: Option<Expandable>,
+    /// API 2025-03-31 and later: what the invoice was created for.
+    #[serde(default)]
+    pub parent: Option<InvoiceParent>,
+    /// Amount paid, smallest currency unit.
+    #[serde(default)]
+    pub amount_paid: i64,
+}
+
+/// `invoice.parent`.
+#[derive(Debug, Deserialize)]
+pub struct InvoiceParent {
+    /// Set when the invoice belongs to a subscription.
+    #[serde(default)]
+    pub subscription_details: Option<SubscriptionDetails>,
+}
+
+/// `invoice.parent.subscription_details`.
+#[derive(Debug, Deserialize)]
+pub struct SubscriptionDetails {
+    /// The subscription.
+    #[serde(default)]
+    pub subscription: Option<Expandable>,
+    /// A snapshot of the subscription's metadata when the invoice was finalized.
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+impl Invoice {
+    /// The invoice's subscription: `parent.subscription_details.subscription` on current API
+    /// versions, `subscription` on older ones.
+    pub fn subscription_id(&self) -> Option<&str> {
+        self.parent
+            .as_ref()
+            .and_then(|p| p.subscription_details.as_ref())
+            .and_then(|d| d.subscription.as_ref())
+            .or(self.subscription.as_ref())
+            .map(Expandable::id)
+    }
+
+    fn organization_id(&self) -> Option<&str> {
+        let details = self.parent.as_ref()?.subscription_details.as_ref()?;
+        metadata_organization_id(&details.metadata)
+    }
+}
+
+/// Which configured Stripe price or product means which plan.
+#[derive(Debug, Clone)]
+pub struct PlanMapping {
+    /// Price id or lookup key of the Basic plan.
+    pub basic_price: String,
+    /// Price id or lookup key of the Premium plan.
+    pub premium_price: String,
+    /// Product id of the Enterprise plan (its prices are negotiated per customer).
+    pub enterprise_product: String,
+}
+
+impl PlanMapping {
+    /// The plan named by the subscription's items, if any item matches the mapping.
+    pub fn plan_for(&self, subscription: &Subscription) -> Option<&'static str> {
+        let prices = subscription.items.iter().flat_map(|l| &l.data).filter_map(|i| i.price.as_ref());
+        for price in prices {
+            let keys = [Some(price.id.as_str()), price.lookup_key.as_deref()];
+            let matches = |wanted: &str| keys.contains(&Some(wanted));
+            if price.product.as_ref().map(Expandable::id) == Some(self.enterprise_product.as_str()) {
+                return Some("enterprise");
+            }
+            if matches(&self.premium_price) {
+                return Some("premium");
+            }
+            if matches(&self.basic_price) {
+                return Some("basic");
+            }
+        }
+        None
+    }
+}
+
+/// Converts Stripe's unix seconds.
+pub fn timestamp(seconds: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(seconds, 0)
+}
+
+/// The billing state a subscription object describes.
+pub fn subscription_state(subscription: &Subscription, plans: &PlanMapping) -> Option<BillingState> {
+    let plan_status = PlanStatus::from_stripe(&subscription.status)?;
+    // Basil and later: the period is per item; take the latest end across items.
+    let item_period_end = subscription
+        .items
+        .iter()
+        .flat_map(|l| &l.data)
+        .filter_map(|i| i.current_period_end)
+        .max();
+    Some(BillingState {
+        plan: plans.plan_for(subscription).map(str::to_owned),
+        plan_status,
+        subscription_id: Some(subscription.id.clone()),
+        cancel_at_period_end: subscription.cancel_at_period_end,
+        current_period_end: item_period_end.or(subscription.current_period_end).and_then(timestamp),
+        ended_at: subscription.ended_at.and_then(timestamp),
+    })
+}
+
+/// What an event means for billing, read from its `data.object`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interpretation {
+    /// The organization named by the event itself (`client_reference_id` or metadata).
+    pub organization_id: Option<String>,
+    /// The Stripe customer the event is about.
+    pub customer_id: Option<String>,
+    /// For a completed checkout: the link to record between organization and customer.
+    pub link: Option<CheckoutLink>,
+    /// The change to the billing state, if the event carries one.
+    pub change: Option<BillingChange>,
+}
+
+/// What a completed checkout session links to an organization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutLink {
+    /// The subscription created, for a `subscription`-mode session.
+    pub subscription_id: Option<String>,
+    /// The email the customer paid with.
+    pub billing_email: Option<String>,
+}
+
+/// Why an event is recorded `ignored` rather than interpreted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Ignored {
+    /// A type this service does not act on.
+    #[error("event type {0} is not used for billing state")]
+    UnhandledType(String),
+    /// A handled type whose object lacks a field the rules need.
+    #[error("{event_type} payload is missing fields the billing rules need: {reason}")]
+    UnreadablePayload {
+        /// The event type.
+        event_type: String,
+        /// What serde reported.
+        reason: String,
+    },
+    /// A handled type that, by its content, does not concern billing state.
+    #[error("{0}")]
+    NotApplicable(&'static str),
+}
+
+/// The event types that change billing state.
+pub const HANDLED_EVENT_TYPES: [&str; 8] = [
+    "checkout.session.completed",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "invoice.paid",
+    "invoice.payment_failed",
+];
+
+/// Reads what an event means for billing.
+pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, Ignored> {
+    let object = &event.data.object;
+    match event.event_type.as_str() {
+        "checkout.session.completed" => {
+            let session: CheckoutSession = read(event, object)?;
+            let organization_id = session
+                .client_reference_id
+                .clone()
+                .filter(|id| !id.is_empty())
+                .or_else(|| metadata_organization_id(&session.metadata).map(str::to_owned))
+                .or_else(|| {
+                    session.customer.as_ref().and_then(Expandable::organization_id).map(str::to_owned)
+                });
+            let billing_email = session
+                .customer_details
+                .as_ref()
+                .and_then(|d| d.email.clone())
+                .or(session.customer_email.clone());
+            let change = match (session.mode.as_str(), session.payment_status.as_str()) {
+                ("payment", "paid") => Some(BillingChange::LifetimePurchase),
+                ("payment", _) => {
+                    return Err(Ignored::NotApplicable("one-time checkout not paid (yet)"));
+                }
+                ("subscription", _) => None,
+                _ => return Err(Ignored::NotApplicable("checkout mode does not concern billing")),
+            };
+            Ok(Interpretation {
+                organization_id,
+                customer_id: session.customer.as_ref().map(|c| c.id().to_owned()),
+                link: Some(CheckoutLink {
+                    subscription_id: session.subscription.as_ref().map(|s| s.id().to_owned()),
+                    billing_email,
+                }),
+                change,
+            })
+        }
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted"
+        | "customer.subscription.paused"
+        | "customer.subscription.resumed" => {
+            let subscription: Subscription = read(event, object)?;
+            let state = subscription_state(&subscription, plans).ok_or_else(|| {
+                Ignored::UnreadablePayload {
+                    event_type: event.event_type.clone(),
+                    reason: format!("unknown subscription status {:?}", subscription.status),
+                }
+            })?;
+            Ok(Interpretation {
+                organization_id: metadata_organization_id(&subscription.metadata)
+                    .or_else(|| subscription.customer.organization_id())
+                    .map(str::to_owned),
+                customer_id: Some(subscription.customer.id().to_owned()),
+                link: None,
+                change: Some(BillingChange::Subscription(state)),
+            })
+        }
+        "invoice.paid" | "invoice.payment_failed" => {
+            let invoice: Invoice = read(event, object)?;
+            let subscription_id = invoice
+                .subscription_id()
+                .ok_or(Ignored::NotApplicable("invoice does not belong to a subscription"))?
+                .to_owned();
+            let change = if event.event_type == "invoice.paid" {
+                BillingChange::InvoicePaid {
+                    subscription_id,
+                    amount_paid: invoice.amount_paid,
+                }
+            } else {
+                BillingChange::InvoicePaymentFailed { subscription_id }
+            };
+            Ok(Interpretation {
+                organization_id: invoice
+                    .organization_id()
+                    .or_else(|| invoice.customer.as_ref().and_then(Expandable::organization_id))
+                    .map(str::to_owned),
+                customer_id: invoice.customer.as_ref().map(|c| c.id().to_owned()),
+                link: None,
+                change: Some(change),
+            })
+        }
+        other => Err(Ignored::UnhandledType(other.to_owned())),
+    }
+}
+
+fn read<T: serde::de::DeserializeOwned>(event: &Event, object: &serde_json::Value) -> Result<T, Ignored> {
+    T::deserialize(object).map_err(|e| Ignored::UnreadablePayload {
+        event_type: event.event_type.clone(),
+        reason: e.to_string(),
+    })
+}
