@@ -1,1 +1,49 @@
-fn main() {}
+//! `ingest`: load config, install telemetry and metrics, connect, serve.
+
+use anyhow::Context;
+use shared::config::{IngestConfig, Source};
+use tokio::sync::watch;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = match IngestConfig::load(&Source::env()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ingest: configuration error: {e}");
+            std::process::exit(2);
+        }
+    };
+    shared::telemetry::init(config.log_format);
+    let metrics = shared::metrics::install().context("installing the metrics recorder")?;
+    let pool = shared::db::connect(&config.database).await.context("connecting to Postgres (DATABASE_URL)")?;
+    let redis = shared::queue::connect(&config.queue).await.context("connecting to Redis (REDIS_URL)")?;
+    let state = ingest::AppState::new(ingest::Inner {
+        pool,
+        queue: shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix),
+        redis,
+        webhook_secrets: config.webhook_secrets,
+        internal_api_token: config.internal_api_token,
+        body_limit_bytes: config.body_limit_bytes,
+    });
+    let api = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("binding INGEST_ADDR {}", config.listen_addr))?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
+    tracing::info!(addr = %config.listen_addr, metrics = %config.metrics_addr, "ingest listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shared::shutdown::signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let metrics_server = tokio::spawn(shared::metrics::serve(metrics_listener, metrics, stopped(stop_rx.clone())));
+    ingest::run(api, state, stopped(stop_rx)).await.context("serving the API")?;
+    metrics_server.await.context("metrics server task")?.context("serving metrics")?;
+    tracing::info!("ingest stopped");
+    Ok(())
+}

@@ -174,7 +174,16 @@ pub enum Outcome {
 /// Applies one change to the current state. Ordering is decided separately ([`precedence`]).
 pub fn apply_change(current: &BillingState, change: &BillingChange) -> Outcome {
     match change {
-        BillingChange::Subscription(next) => Outcome::Changed(next.clone()),
+        BillingChange::Subscription(next) => {
+            let other_subscription = current.subscription_id.is_some()
+                && next.subscription_id != current.subscription_id;
+            if other_subscription && next.plan_status.is_terminal() && !current.plan_status.is_terminal() {
+                return Outcome::Unchanged(
+                    "the end of a subscription that is not the organization's current one",
+                );
+            }
+            Outcome::Changed(next.clone())
+        }
         BillingChange::LifetimePurchase => Outcome::Changed(BillingState {
             plan: Some(LIFETIME_PLAN.to_owned()),
             plan_status: PlanStatus::Active,

@@ -231,6 +231,8 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// `QUEUE_POLL_INTERVAL_MS`: how often an idle worker looks for jobs, default 250.
     pub poll_interval: Duration,
+    /// `MAX_ATTEMPTS`: failed attempts before an event becomes a dead letter, default 8.
+    pub max_attempts: i32,
     /// `LOG_FORMAT`, `text` (default) or `json`.
     pub log_format: LogFormat,
 }
@@ -254,6 +256,7 @@ impl WorkerConfig {
             metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
             concurrency,
             poll_interval: Duration::from_millis(source.positive("QUEUE_POLL_INTERVAL_MS", 250)?),
+            max_attempts: source.positive("MAX_ATTEMPTS", 8)?.min(i32::MAX as u64) as i32,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
         })
     }

@@ -153,3 +153,14 @@ pub async fn set_billing_state<'e>(
     .await?;
     Ok(())
 }
+
+/// The id of the organization linked to a Stripe customer, if any.
+pub async fn owner_of_customer<'e>(
+    db: impl PgExecutor<'e>,
+    customer_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM organizations WHERE stripe_customer_id = $1")
+        .bind(customer_id)
+        .fetch_optional(db)
+        .await
+}

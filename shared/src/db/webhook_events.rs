@@ -136,3 +136,29 @@ pub async fn release_deferred<'e>(
     .fetch_all(db)
     .await
 }
+
+/// Counts a failed attempt and keeps its error, leaving the event pending for a retry.
+pub async fn record_failure<'e>(db: impl PgExecutor<'e>, id: &str, error: &str) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE webhook_events SET attempts = attempts + 1, last_error = $2
+         WHERE id = $1 RETURNING attempts",
+    )
+    .bind(id)
+    .bind(error)
+    .fetch_one(db)
+    .await
+}
+
+/// Gives up on the event: a dead letter with its reason, kept for operators to replay.
+pub async fn mark_dead<'e>(db: impl PgExecutor<'e>, id: &str, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_events SET status = 'dead', attempts = attempts + 1, last_error = $2,
+                processed_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(db)
+    .await?;
+    Ok(())
+}

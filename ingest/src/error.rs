@@ -1,0 +1,75 @@
+//! The one HTTP error type. 4xx answers carry a stable machine-readable `code` and a message;
+//! 5xx answers are generic, and the full error chain is logged once, here.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use shared::signature::SignatureError;
+
+/// Everything a route can answer besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The Stripe signature is missing, malformed, expired or wrong.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// The body is over the configured limit.
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The body could not be read or is not what the endpoint takes.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A signed webhook body that is not a Stripe event envelope.
+    #[error("payload is not a Stripe event: {0}")]
+    BadPayload(String),
+    /// Missing or wrong bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// No such resource.
+    #[error("{0}")]
+    NotFound(String),
+    /// Storage is unavailable; the caller should retry (Stripe does).
+    #[error("storage unavailable")]
+    Unavailable(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Signature(SignatureError::Missing) => (StatusCode::BAD_REQUEST, "missing_signature"),
+            ApiError::Signature(SignatureError::Malformed(_)) => (StatusCode::BAD_REQUEST, "malformed_signature"),
+            ApiError::Signature(SignatureError::OutsideTolerance { .. }) => {
+                (StatusCode::BAD_REQUEST, "signature_expired")
+            }
+            ApiError::Signature(SignatureError::NoMatch) => (StatusCode::BAD_REQUEST, "invalid_signature"),
+            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::BadPayload(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = if status.is_server_error() {
+            tracing::error!(error = ?anyhow::Error::from(self), "request failed");
+            "temporarily unavailable, retry later".to_owned()
+        } else {
+            self.to_string()
+        };
+        let mut response = (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

@@ -1,0 +1,73 @@
+//! `ingest`: the HTTP side. Stripe's webhook target (verify, store, enqueue, answer), the
+//! billing-status query of the product's backend, and health checks. Thin by design: no
+//! Stripe API call and no business logic on the request path.
+
+pub mod auth;
+pub mod error;
+pub mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use secrecy::SecretString;
+use shared::queue::EventQueue;
+use sqlx::PgPool;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// The shared resources behind [`AppState`].
+pub struct Inner {
+    /// Postgres.
+    pub pool: PgPool,
+    /// The event queue.
+    pub queue: EventQueue,
+    /// A Redis connection for readiness checks.
+    pub redis: apalis_redis::ConnectionManager,
+    /// Webhook endpoint secrets, any of which may sign.
+    pub webhook_secrets: Vec<SecretString>,
+    /// Bearer token of the internal API.
+    pub internal_api_token: SecretString,
+    /// Largest webhook body accepted.
+    pub body_limit_bytes: usize,
+}
+
+impl AppState {
+    /// Wraps the resources.
+    pub fn new(inner: Inner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// All routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/v1/webhooks/stripe",
+            post(routes::webhooks::receive).layer(DefaultBodyLimit::max(state.body_limit_bytes)),
+        )
+        .route("/v1/organizations/{organization_id}/billing", get(routes::billing::get_billing))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

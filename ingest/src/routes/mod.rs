@@ -1,0 +1,5 @@
+//! The HTTP routes of ingest. Handlers only orchestrate: extract, one call into `shared`, answer.
+
+pub mod billing;
+pub mod health;
+pub mod webhooks;

@@ -1,0 +1,309 @@
+//! Applying one stored event, in ONE Postgres transaction: claim the event in
+//! `processed_events` (already there → `duplicate`, nothing else happens), lock the
+//! organization row, decide with the rules of `shared::billing`, write the state, the audit
+//! row and the inbox status. Either all of it commits or none of it does, so a crash anywhere
+//! leaves the event to be applied again by the next delivery of its job.
+//!
+//! Lock order is always `processed_events` row, then organization row, so two workers never
+//! deadlock; two events of one organization are applied one after the other.
+
+use chrono::{DateTime, Utc};
+use shared::billing::{self, BillingChange, BillingState, Outcome, PlanStatus, Precedence};
+use shared::db::billing_audit::{self, Decision, NewAuditEntry};
+use shared::db::{organizations, processed_events, webhook_events};
+use shared::db::organizations::Organization;
+use shared::queue::EventQueue;
+use shared::stripe::{self, CheckoutLink, Event, PlanMapping};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::stripe_api::{StripeApi, StripeApiError};
+
+/// What applying needs.
+#[derive(Clone)]
+pub struct Deps {
+    /// Postgres.
+    pub pool: PgPool,
+    /// Price and product keys of the plans.
+    pub plans: PlanMapping,
+    /// Set when `STRIPE_SECRET_KEY` is: ties are settled by refetching.
+    pub stripe: Option<StripeApi>,
+    /// To enqueue deferred events released by a new link.
+    pub queue: EventQueue,
+}
+
+/// Why an event could not be applied now.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The job names an event that is not in the inbox.
+    #[error("event {0} is not in the inbox")]
+    UnknownEvent(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A checkout links a customer that already belongs to another organization.
+    #[error("customer {customer_id} is already linked to organization {owner}, not {organization_id}")]
+    CustomerConflict {
+        /// The customer.
+        customer_id: String,
+        /// Its current organization.
+        owner: String,
+        /// The organization the event names.
+        organization_id: String,
+    },
+    /// Refetching from Stripe failed.
+    #[error(transparent)]
+    StripeApi(#[from] StripeApiError),
+}
+
+impl ApplyError {
+    /// Retrying later may succeed (database or network trouble); otherwise it never will.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Database(_) => true,
+            ApplyError::StripeApi(e) => e.is_transient(),
+            ApplyError::UnknownEvent(_) | ApplyError::CustomerConflict { .. } => false,
+        }
+    }
+}
+
+/// The decision taken on an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// What was decided.
+    pub decision: Decision,
+    /// The organization concerned, when resolved.
+    pub organization_id: Option<String>,
+    /// Plan status after the decision.
+    pub status_after: Option<PlanStatus>,
+    /// Why, in words.
+    pub detail: Option<String>,
+    /// When ingest stored the event.
+    pub received_at: DateTime<Utc>,
+}
+
+/// One decision, before it is written.
+struct Verdict {
+    decision: Decision,
+    organization_id: Option<String>,
+    status_before: Option<PlanStatus>,
+    status_after: Option<PlanStatus>,
+    detail: Option<String>,
+    /// Deferred: the customer whose link the event waits for.
+    waiting_for_customer: Option<String>,
+    /// A customer linked by this event: its deferred events are released.
+    linked_customer: Option<String>,
+}
+
+impl Verdict {
+    fn bare(decision: Decision, detail: impl Into<String>) -> Verdict {
+        Verdict {
+            decision,
+            organization_id: None,
+            status_before: None,
+            status_after: None,
+            detail: Some(detail.into()),
+            waiting_for_customer: None,
+            linked_customer: None,
+        }
+    }
+}
+
+/// Applies one stored event. Idempotent: any number of runs, in any order, concurrently,
+/// leave the same state as one.
+pub async fn apply_event(deps: &Deps, event_id: &str) -> Result<Report, ApplyError> {
+    let stored = webhook_events::get(&deps.pool, event_id)
+        .await?
+        .ok_or_else(|| ApplyError::UnknownEvent(event_id.to_owned()))?;
+    let mut tx = deps.pool.begin().await?;
+    let verdict = if processed_events::insert(&mut *tx, event_id).await? {
+        decide(&mut tx, deps, &stored).await?
+    } else {
+        Verdict::bare(Decision::Duplicate, "already processed")
+    };
+    let detail = verdict.detail.as_deref();
+    match verdict.decision {
+        Decision::Duplicate => {}
+        Decision::Deferred => {
+            processed_events::delete(&mut *tx, event_id).await?;
+            let reason = detail.unwrap_or("organization not resolved yet");
+            webhook_events::mark_deferred(&mut *tx, event_id, verdict.waiting_for_customer.as_deref(), reason)
+                .await?;
+        }
+        _ => webhook_events::mark_processed(&mut *tx, event_id).await?,
+    }
+    let released = match &verdict.linked_customer {
+        Some(customer) => webhook_events::release_deferred(&mut *tx, customer).await?,
+        None => Vec::new(),
+    };
+    billing_audit::insert(
+        &mut *tx,
+        &NewAuditEntry {
+            event_id,
+            event_type: &stored.event_type,
+            organization_id: verdict.organization_id.as_deref(),
+            decision: verdict.decision,
+            status_before: verdict.status_before,
+            status_after: verdict.status_after,
+            detail,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+
+    if !released.is_empty() {
+        let ids: Vec<&str> = released.iter().map(String::as_str).collect();
+        tracing::info!(count = ids.len(), "released deferred events of a newly linked customer");
+        if let Err(e) = deps.queue.push(&ids).await {
+            tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
+        }
+    }
+    Ok(Report {
+        decision: verdict.decision,
+        organization_id: verdict.organization_id,
+        status_after: verdict.status_after,
+        detail: verdict.detail,
+        received_at: stored.received_at,
+    })
+}
+
+/// Everything between the claim and the writes of the inbox status and audit row.
+async fn decide(
+    tx: &mut Transaction<'static, Postgres>,
+    deps: &Deps,
+    stored: &webhook_events::StoredEvent,
+) -> Result<Verdict, ApplyError> {
+    let event: Event = match serde_json::from_slice(&stored.payload) {
+        Ok(event) => event,
+        Err(e) => return Ok(Verdict::bare(Decision::Ignored, format!("payload is not a Stripe event: {e}"))),
+    };
+    let facts = match stripe::interpret(&event, &deps.plans) {
+        Ok(facts) => facts,
+        Err(ignored) => return Ok(Verdict::bare(Decision::Ignored, ignored.to_string())),
+    };
+    let org = match (&facts.organization_id, &facts.customer_id) {
+        (Some(id), _) => Some(organizations::ensure_and_lock(tx, id).await?),
+        (None, Some(customer)) => organizations::lock_by_customer(&mut **tx, customer).await?,
+        (None, None) => None,
+    };
+    let Some(org) = org else {
+        return Ok(match facts.customer_id {
+            Some(customer) => Verdict {
+                waiting_for_customer: Some(customer.clone()),
+                ..Verdict::bare(
+                    Decision::Deferred,
+                    format!("no organization is linked to customer {customer} yet"),
+                )
+            },
+            None => Verdict::bare(Decision::Ignored, "event names neither an organization nor a customer"),
+        });
+    };
+
+    let linked_customer = match &facts.customer_id {
+        Some(customer) => link(tx, &org, customer, facts.link.as_ref()).await?,
+        None => None,
+    };
+    let mut verdict = Verdict {
+        organization_id: Some(org.id.clone()),
+        status_before: Some(org.plan_status),
+        status_after: Some(org.plan_status),
+        linked_customer,
+        ..Verdict::bare(Decision::Applied, "")
+    };
+    let Some(change) = facts.change else {
+        verdict.detail = Some(match &verdict.linked_customer {
+            Some(customer) => format!("linked customer {customer}"),
+            None => "nothing to change".to_owned(),
+        });
+        return Ok(verdict);
+    };
+
+    let current = org.billing_state();
+    let (decision, outcome) = match billing::precedence(stored.stripe_created, org.state_event_created) {
+        Precedence::Newer => (Decision::Applied, billing::apply_change(&current, &change)),
+        Precedence::Older => (
+            Decision::Stale,
+            Outcome::Unchanged("older than the event behind the stored state"),
+        ),
+        Precedence::Tie => settle_tie(deps, &current, &change).await?,
+    };
+    match outcome {
+        Outcome::Changed(state) => {
+            organizations::set_billing_state(&mut **tx, &org.id, &state, &stored.id, stored.stripe_created)
+                .await?;
+            verdict.status_after = Some(state.plan_status);
+            verdict.detail = None;
+        }
+        Outcome::Unchanged(reason) => verdict.detail = Some(reason.to_owned()),
+    }
+    verdict.decision = match (decision, &verdict.detail) {
+        // A newer event that cannot change this state (e.g. an invoice of another subscription).
+        (Decision::Applied, Some(_)) => Decision::Ignored,
+        (decision, _) => decision,
+    };
+    Ok(verdict)
+}
+
+/// Settles a same-second tie: from Stripe's current subscription when the API is configured,
+/// otherwise by the lifecycle rule of [`billing::tie_prefers`].
+async fn settle_tie(
+    deps: &Deps,
+    current: &BillingState,
+    change: &BillingChange,
+) -> Result<(Decision, Outcome), ApplyError> {
+    let subscription_id = match change {
+        BillingChange::Subscription(next) => next.subscription_id.as_deref(),
+        BillingChange::InvoicePaid { subscription_id, .. }
+        | BillingChange::InvoicePaymentFailed { subscription_id } => Some(subscription_id.as_str()),
+        BillingChange::LifetimePurchase => None,
+    };
+    if let (Some(api), Some(id)) = (&deps.stripe, subscription_id) {
+        let subscription = api.subscription(id).await?;
+        if let Some(truth) = stripe::subscription_state(&subscription, &deps.plans) {
+            let outcome = billing::apply_change(current, &BillingChange::Subscription(truth));
+            return Ok((Decision::Refetched, outcome));
+        }
+    }
+    let outcome = match billing::apply_change(current, change) {
+        Outcome::Changed(next) if !billing::tie_prefers(current.plan_status, next.plan_status) => {
+            Outcome::Unchanged("same-second tie: the stored status is further along the lifecycle")
+        }
+        outcome => outcome,
+    };
+    Ok((Decision::Tie, outcome))
+}
+
+/// Links the customer to the organization when the event says so. A checkout links
+/// explicitly (a customer owned by another organization is an error); any other event links
+/// only an organization that has no customer yet. Returns the customer newly linked.
+async fn link(
+    tx: &mut Transaction<'static, Postgres>,
+    org: &Organization,
+    customer_id: &str,
+    checkout: Option<&CheckoutLink>,
+) -> Result<Option<String>, ApplyError> {
+    let already_linked = org.stripe_customer_id.as_deref() == Some(customer_id);
+    if checkout.is_none() && (already_linked || org.stripe_customer_id.is_some()) {
+        return Ok(None);
+    }
+    if !already_linked {
+        if let Some(owner) = organizations::owner_of_customer(&mut **tx, customer_id).await? {
+            if checkout.is_none() {
+                return Ok(None);
+            }
+            return Err(ApplyError::CustomerConflict {
+                customer_id: customer_id.to_owned(),
+                owner,
+                organization_id: org.id.clone(),
+            });
+        }
+    }
+    organizations::link_customer(
+        &mut **tx,
+        &org.id,
+        customer_id,
+        checkout.and_then(|c| c.subscription_id.as_deref()),
+        checkout.and_then(|c| c.billing_email.as_deref()),
+    )
+    .await?;
+    Ok((!already_linked).then(|| customer_id.to_owned()))
+}

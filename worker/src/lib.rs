@@ -1,0 +1,6 @@
+//! `worker`: applies queued Stripe events to organizations' billing state, and the operators'
+//! commands.
+
+pub mod apply;
+pub mod consume;
+pub mod stripe_api;
