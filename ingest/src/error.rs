@@ -39,13 +39,21 @@ pub enum ApiError {
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::Signature(SignatureError::Missing) => (StatusCode::BAD_REQUEST, "missing_signature"),
-            ApiError::Signature(SignatureError::Malformed(_)) => (StatusCode::BAD_REQUEST, "malformed_signature"),
+            ApiError::Signature(SignatureError::Missing) => {
+                (StatusCode::BAD_REQUEST, "missing_signature")
+            }
+            ApiError::Signature(SignatureError::Malformed(_)) => {
+                (StatusCode::BAD_REQUEST, "malformed_signature")
+            }
             ApiError::Signature(SignatureError::OutsideTolerance { .. }) => {
                 (StatusCode::BAD_REQUEST, "signature_expired")
             }
-            ApiError::Signature(SignatureError::NoMatch) => (StatusCode::BAD_REQUEST, "invalid_signature"),
-            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Signature(SignatureError::NoMatch) => {
+                (StatusCode::BAD_REQUEST, "invalid_signature")
+            }
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::BadPayload(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
@@ -64,11 +72,16 @@ impl IntoResponse for ApiError {
         } else {
             self.to_string()
         };
-        let mut response = (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response();
+        let mut response = (
+            status,
+            Json(json!({ "error": { "code": code, "message": message } })),
+        )
+            .into_response();
         if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }

@@ -57,7 +57,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/webhooks/stripe",
             post(routes::webhooks::receive).layer(DefaultBodyLimit::max(state.body_limit_bytes)),
         )
-        .route("/v1/organizations/{organization_id}/billing", get(routes::billing::get_billing))
+        .route(
+            "/v1/organizations/{organization_id}/billing",
+            get(routes::billing::get_billing),
+        )
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .with_state(state)
@@ -69,5 +72,7 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

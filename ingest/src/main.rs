@@ -15,8 +15,12 @@ async fn main() -> anyhow::Result<()> {
     };
     shared::telemetry::init(config.log_format);
     let metrics = shared::metrics::install().context("installing the metrics recorder")?;
-    let pool = shared::db::connect(&config.database).await.context("connecting to Postgres (DATABASE_URL)")?;
-    let redis = shared::queue::connect(&config.queue).await.context("connecting to Redis (REDIS_URL)")?;
+    let pool = shared::db::connect(&config.database)
+        .await
+        .context("connecting to Postgres (DATABASE_URL)")?;
+    let redis = shared::queue::connect(&config.queue)
+        .await
+        .context("connecting to Redis (REDIS_URL)")?;
     let state = ingest::AppState::new(ingest::Inner {
         pool,
         queue: shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix),
@@ -41,9 +45,18 @@ async fn main() -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let metrics_server = tokio::spawn(shared::metrics::serve(metrics_listener, metrics, stopped(stop_rx.clone())));
-    ingest::run(api, state, stopped(stop_rx)).await.context("serving the API")?;
-    metrics_server.await.context("metrics server task")?.context("serving metrics")?;
+    let metrics_server = tokio::spawn(shared::metrics::serve(
+        metrics_listener,
+        metrics,
+        stopped(stop_rx.clone()),
+    ));
+    ingest::run(api, state, stopped(stop_rx))
+        .await
+        .context("serving the API")?;
+    metrics_server
+        .await
+        .context("metrics server task")?
+        .context("serving metrics")?;
     tracing::info!("ingest stopped");
     Ok(())
 }

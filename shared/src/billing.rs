@@ -177,7 +177,10 @@ pub fn apply_change(current: &BillingState, change: &BillingChange) -> Outcome {
         BillingChange::Subscription(next) => {
             let other_subscription = current.subscription_id.is_some()
                 && next.subscription_id != current.subscription_id;
-            if other_subscription && next.plan_status.is_terminal() && !current.plan_status.is_terminal() {
+            if other_subscription
+                && next.plan_status.is_terminal()
+                && !current.plan_status.is_terminal()
+            {
                 return Outcome::Unchanged(
                     "the end of a subscription that is not the organization's current one",
                 );
@@ -249,7 +252,10 @@ pub enum Precedence {
 }
 
 /// Compares an event's `created` with the state's.
-pub fn precedence(event_created: DateTime<Utc>, state_created: Option<DateTime<Utc>>) -> Precedence {
+pub fn precedence(
+    event_created: DateTime<Utc>,
+    state_created: Option<DateTime<Utc>>,
+) -> Precedence {
     match state_created {
         None => Precedence::Newer,
         Some(state) if event_created > state => Precedence::Newer,

@@ -27,8 +27,11 @@ pub enum ConfigError {
     },
 }
 
+/// Looks a variable up by name.
+type Lookup = Box<dyn Fn(&str) -> Option<String>>;
+
 /// Where variables come from: the process environment, or a map in tests.
-pub struct Source(Box<dyn Fn(&str) -> Option<String>>);
+pub struct Source(Lookup);
 
 impl Source {
     /// The process environment.
@@ -38,10 +41,15 @@ impl Source {
 
     /// Fixed pairs, for tests.
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Source {
-        let pairs: Vec<(String, String)> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Source(Box::new(move |name| {
-            pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
         }))
     }
 
@@ -64,16 +72,22 @@ impl Source {
     {
         match self.get(name) {
             None => Ok(default),
-            Some(raw) => raw.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
-                name,
-                reason: e.to_string(),
-            }),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|e: T::Err| ConfigError::Invalid {
+                    name,
+                    reason: e.to_string(),
+                }),
         }
     }
 
     fn positive(&self, name: &'static str, default: u64) -> Result<u64, ConfigError> {
         match self.parsed(name, default)? {
-            0 => Err(ConfigError::Invalid { name, reason: "must be greater than 0".into() }),
+            0 => Err(ConfigError::Invalid {
+                name,
+                reason: "must be greater than 0".into(),
+            }),
             n => Ok(n),
         }
     }
@@ -97,8 +111,13 @@ impl Source {
     }
 
     fn queue_prefix(&self) -> Result<String, ConfigError> {
-        let prefix = self.get("QUEUE_PREFIX").unwrap_or_else(|| "billing".to_owned());
-        if prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_:.".contains(c)) {
+        let prefix = self
+            .get("QUEUE_PREFIX")
+            .unwrap_or_else(|| "billing".to_owned());
+        if prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_:.".contains(c))
+        {
             Ok(prefix)
         } else {
             Err(ConfigError::Invalid {
@@ -143,7 +162,8 @@ impl DatabaseConfig {
     pub fn load(source: &Source, default_pool: u32) -> Result<DatabaseConfig, ConfigError> {
         Ok(DatabaseConfig {
             url: source.database_url()?,
-            max_connections: source.positive("DATABASE_MAX_CONNECTIONS", default_pool.into())? as u32,
+            max_connections: source.positive("DATABASE_MAX_CONNECTIONS", default_pool.into())?
+                as u32,
         })
     }
 }
@@ -161,7 +181,10 @@ pub struct QueueConfig {
 impl QueueConfig {
     /// Reads `REDIS_URL` and `QUEUE_PREFIX`.
     pub fn load(source: &Source) -> Result<QueueConfig, ConfigError> {
-        Ok(QueueConfig { redis_url: source.redis_url()?, prefix: source.queue_prefix()? })
+        Ok(QueueConfig {
+            redis_url: source.redis_url()?,
+            prefix: source.queue_prefix()?,
+        })
     }
 }
 
@@ -274,8 +297,11 @@ mod tests {
     ];
 
     fn with(extra: &[(&'static str, &'static str)]) -> Source {
-        let mut pairs: Vec<(&str, &str)> =
-            INGEST.iter().filter(|(k, _)| !extra.iter().any(|(e, _)| e == k)).copied().collect();
+        let mut pairs: Vec<(&str, &str)> = INGEST
+            .iter()
+            .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+            .copied()
+            .collect();
         pairs.extend_from_slice(extra);
         Source::from_pairs(&pairs)
     }
@@ -293,7 +319,10 @@ mod tests {
     fn debug_output_never_shows_secrets() {
         let config = IngestConfig::load(&with(&[])).expect("valid config");
         let debug = format!("{config:?}");
-        assert!(!debug.contains("whsec_old") && !debug.contains("token-123"), "{debug}");
+        assert!(
+            !debug.contains("whsec_old") && !debug.contains("token-123"),
+            "{debug}"
+        );
     }
 
     #[test]
@@ -304,11 +333,25 @@ mod tests {
             "INTERNAL_API_TOKEN is required but not set"
         );
         let bad_addr = IngestConfig::load(&with(&[("INGEST_ADDR", "localhost")]));
-        assert!(bad_addr.expect_err("must fail").to_string().starts_with("INGEST_ADDR is invalid"));
+        assert!(
+            bad_addr
+                .expect_err("must fail")
+                .to_string()
+                .starts_with("INGEST_ADDR is invalid")
+        );
         let bad_db = IngestConfig::load(&with(&[("DATABASE_URL", "mysql://x")]));
-        assert!(bad_db.expect_err("must fail").to_string().starts_with("DATABASE_URL is invalid"));
+        assert!(
+            bad_db
+                .expect_err("must fail")
+                .to_string()
+                .starts_with("DATABASE_URL is invalid")
+        );
         let zero = IngestConfig::load(&with(&[("WEBHOOK_BODY_LIMIT_BYTES", "0")]));
-        assert!(zero.expect_err("must fail").to_string().contains("greater than 0"));
+        assert!(
+            zero.expect_err("must fail")
+                .to_string()
+                .contains("greater than 0")
+        );
         let commas = IngestConfig::load(&with(&[("STRIPE_WEBHOOK_SECRET", ",")]));
         assert_eq!(
             commas.expect_err("must fail").to_string(),

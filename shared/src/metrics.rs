@@ -21,8 +21,12 @@ pub const APPLY_DURATION: &str = "billing_event_apply_duration_seconds";
 /// From ingest's commit to the worker's commit of the decision.
 pub const EVENT_LAG: &str = "billing_event_lag_seconds";
 
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-const LAG_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const LAG_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 /// Installs the process-wide recorder with histogram buckets, and keeps it tidy in the
 /// background. Call once per process, inside the Tokio runtime.
@@ -53,5 +57,7 @@ pub async fn serve(
         "/metrics",
         axum::routing::get(move || std::future::ready(handle.render())),
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -54,7 +54,9 @@ pub async fn connect(config: &QueueConfig) -> Result<ConnectionManager, QueueErr
         .set_connection_timeout(Some(REDIS_TIMEOUT))
         .set_response_timeout(Some(REDIS_TIMEOUT))
         .set_number_of_retries(2);
-    let mut conn = client.get_connection_manager_with_config(manager_config).await?;
+    let mut conn = client
+        .get_connection_manager_with_config(manager_config)
+        .await?;
     ping(&mut conn).await?;
     Ok(conn)
 }
@@ -104,7 +106,9 @@ impl EventQueue {
         }
         let jobs = event_ids
             .iter()
-            .map(|id| ApplyEventV1 { event_id: (*id).to_owned() })
+            .map(|id| ApplyEventV1 {
+                event_id: (*id).to_owned(),
+            })
             .collect();
         let mut storage = self.storage.clone();
         tokio::time::timeout(REDIS_TIMEOUT, storage.push_bulk(jobs))

@@ -74,7 +74,10 @@ pub fn verify(
     }
     for secret in secrets {
         let mac = signed_payload_mac(secret.expose_secret(), t_text, payload);
-        if signatures.iter().any(|sig| mac.clone().verify_slice(sig).is_ok()) {
+        if signatures
+            .iter()
+            .any(|sig| mac.clone().verify_slice(sig).is_ok())
+        {
             return Ok(());
         }
     }
@@ -84,7 +87,9 @@ pub fn verify(
 /// Builds a valid `Stripe-Signature` header, as Stripe would send it (tests, demo, load).
 pub fn header_for(payload: &[u8], secret: &str, timestamp: i64) -> String {
     let t = timestamp.to_string();
-    let signature = signed_payload_mac(secret, &t, payload).finalize().into_bytes();
+    let signature = signed_payload_mac(secret, &t, payload)
+        .finalize()
+        .into_bytes();
     format!("t={t},v1={}", hex::encode(signature))
 }
 
@@ -105,13 +110,18 @@ mod tests {
     const BODY: &[u8] = br#"{"id":"evt_1","type":"invoice.paid"}"#;
 
     fn secrets(list: &[&str]) -> Vec<SecretString> {
-        list.iter().map(|s| SecretString::from(s.to_string())).collect()
+        list.iter()
+            .map(|s| SecretString::from(s.to_string()))
+            .collect()
     }
 
     #[test]
     fn a_header_made_with_the_secret_verifies() {
         let header = header_for(BODY, "whsec_a", NOW);
-        assert_eq!(verify(BODY, Some(&header), &secrets(&["whsec_a"]), NOW, 300), Ok(()));
+        assert_eq!(
+            verify(BODY, Some(&header), &secrets(&["whsec_a"]), NOW, 300),
+            Ok(())
+        );
     }
 
     #[test]
@@ -126,7 +136,10 @@ mod tests {
         let valid = header_for(BODY, "whsec_a", NOW);
         let valid_sig = valid.split_once(",v1=").map(|(_, s)| s).unwrap_or_default();
         let header = format!("t={NOW},v1={},v1={valid_sig},v0=abc", "00".repeat(32));
-        assert_eq!(verify(BODY, Some(&header), &secrets(&["whsec_a"]), NOW, 300), Ok(()));
+        assert_eq!(
+            verify(BODY, Some(&header), &secrets(&["whsec_a"]), NOW, 300),
+            Ok(())
+        );
     }
 
     #[test]
@@ -145,17 +158,25 @@ mod tests {
             let header = header_for(BODY, "whsec_a", t);
             assert_eq!(
                 verify(BODY, Some(&header), &secrets(&["whsec_a"]), NOW, 300),
-                Err(SignatureError::OutsideTolerance { tolerance_secs: 300 })
+                Err(SignatureError::OutsideTolerance {
+                    tolerance_secs: 300
+                })
             );
         }
         let header = header_for(BODY, "whsec_a", NOW - 300);
-        assert_eq!(verify(BODY, Some(&header), &secrets(&["whsec_a"]), NOW, 300), Ok(()));
+        assert_eq!(
+            verify(BODY, Some(&header), &secrets(&["whsec_a"]), NOW, 300),
+            Ok(())
+        );
     }
 
     #[test]
     fn malformed_headers_say_what_is_wrong() {
         let s = secrets(&["whsec_a"]);
-        assert_eq!(verify(BODY, None, &s, NOW, 300), Err(SignatureError::Missing));
+        assert_eq!(
+            verify(BODY, None, &s, NOW, 300),
+            Err(SignatureError::Missing)
+        );
         assert_eq!(
             verify(BODY, Some("garbage"), &s, NOW, 300),
             Err(SignatureError::Malformed("expected key=value pairs"))

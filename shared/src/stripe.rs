@@ -257,11 +257,16 @@ pub struct PlanMapping {
 impl PlanMapping {
     /// The plan named by the subscription's items, if any item matches the mapping.
     pub fn plan_for(&self, subscription: &Subscription) -> Option<&'static str> {
-        let prices = subscription.items.iter().flat_map(|l| &l.data).filter_map(|i| i.price.as_ref());
+        let prices = subscription
+            .items
+            .iter()
+            .flat_map(|l| &l.data)
+            .filter_map(|i| i.price.as_ref());
         for price in prices {
             let keys = [Some(price.id.as_str()), price.lookup_key.as_deref()];
             let matches = |wanted: &str| keys.contains(&Some(wanted));
-            if price.product.as_ref().map(Expandable::id) == Some(self.enterprise_product.as_str()) {
+            if price.product.as_ref().map(Expandable::id) == Some(self.enterprise_product.as_str())
+            {
                 return Some("enterprise");
             }
             if matches(&self.premium_price) {
@@ -281,7 +286,10 @@ pub fn timestamp(seconds: i64) -> Option<DateTime<Utc>> {
 }
 
 /// The billing state a subscription object describes.
-pub fn subscription_state(subscription: &Subscription, plans: &PlanMapping) -> Option<BillingState> {
+pub fn subscription_state(
+    subscription: &Subscription,
+    plans: &PlanMapping,
+) -> Option<BillingState> {
     let plan_status = PlanStatus::from_stripe(&subscription.status)?;
     // Basil and later: the period is per item; take the latest end across items.
     let item_period_end = subscription
@@ -295,7 +303,9 @@ pub fn subscription_state(subscription: &Subscription, plans: &PlanMapping) -> O
         plan_status,
         subscription_id: Some(subscription.id.clone()),
         cancel_at_period_end: subscription.cancel_at_period_end,
-        current_period_end: item_period_end.or(subscription.current_period_end).and_then(timestamp),
+        current_period_end: item_period_end
+            .or(subscription.current_period_end)
+            .and_then(timestamp),
         ended_at: subscription.ended_at.and_then(timestamp),
     })
 }
@@ -365,7 +375,11 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
                 .filter(|id| !id.is_empty())
                 .or_else(|| metadata_organization_id(&session.metadata).map(str::to_owned))
                 .or_else(|| {
-                    session.customer.as_ref().and_then(Expandable::organization_id).map(str::to_owned)
+                    session
+                        .customer
+                        .as_ref()
+                        .and_then(Expandable::organization_id)
+                        .map(str::to_owned)
                 });
             let billing_email = session
                 .customer_details
@@ -378,7 +392,11 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
                     return Err(Ignored::NotApplicable("one-time checkout not paid (yet)"));
                 }
                 ("subscription", _) => None,
-                _ => return Err(Ignored::NotApplicable("checkout mode does not concern billing")),
+                _ => {
+                    return Err(Ignored::NotApplicable(
+                        "checkout mode does not concern billing",
+                    ));
+                }
             };
             Ok(Interpretation {
                 organization_id,
@@ -415,7 +433,9 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
             let invoice: Invoice = read(event, object)?;
             let subscription_id = invoice
                 .subscription_id()
-                .ok_or(Ignored::NotApplicable("invoice does not belong to a subscription"))?
+                .ok_or(Ignored::NotApplicable(
+                    "invoice does not belong to a subscription",
+                ))?
                 .to_owned();
             let change = if event.event_type == "invoice.paid" {
                 BillingChange::InvoicePaid {
@@ -428,7 +448,12 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
             Ok(Interpretation {
                 organization_id: invoice
                     .organization_id()
-                    .or_else(|| invoice.customer.as_ref().and_then(Expandable::organization_id))
+                    .or_else(|| {
+                        invoice
+                            .customer
+                            .as_ref()
+                            .and_then(Expandable::organization_id)
+                    })
                     .map(str::to_owned),
                 customer_id: invoice.customer.as_ref().map(|c| c.id().to_owned()),
                 link: None,
@@ -439,7 +464,10 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
     }
 }
 
-fn read<T: serde::de::DeserializeOwned>(event: &Event, object: &serde_json::Value) -> Result<T, Ignored> {
+fn read<T: serde::de::DeserializeOwned>(
+    event: &Event,
+    object: &serde_json::Value,
+) -> Result<T, Ignored> {
     T::deserialize(object).map_err(|e| Ignored::UnreadablePayload {
         event_type: event.event_type.clone(),
         reason: e.to_string(),

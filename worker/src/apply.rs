@@ -10,8 +10,8 @@
 use chrono::{DateTime, Utc};
 use shared::billing::{self, BillingChange, BillingState, Outcome, PlanStatus, Precedence};
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
-use shared::db::{organizations, processed_events, webhook_events};
 use shared::db::organizations::Organization;
+use shared::db::{organizations, processed_events, webhook_events};
 use shared::queue::EventQueue;
 use shared::stripe::{self, CheckoutLink, Event, PlanMapping};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -41,7 +41,9 @@ pub enum ApplyError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// A checkout links a customer that already belongs to another organization.
-    #[error("customer {customer_id} is already linked to organization {owner}, not {organization_id}")]
+    #[error(
+        "customer {customer_id} is already linked to organization {owner}, not {organization_id}"
+    )]
     CustomerConflict {
         /// The customer.
         customer_id: String,
@@ -126,8 +128,13 @@ pub async fn apply_event(deps: &Deps, event_id: &str) -> Result<Report, ApplyErr
         Decision::Deferred => {
             processed_events::delete(&mut *tx, event_id).await?;
             let reason = detail.unwrap_or("organization not resolved yet");
-            webhook_events::mark_deferred(&mut *tx, event_id, verdict.waiting_for_customer.as_deref(), reason)
-                .await?;
+            webhook_events::mark_deferred(
+                &mut *tx,
+                event_id,
+                verdict.waiting_for_customer.as_deref(),
+                reason,
+            )
+            .await?;
         }
         _ => webhook_events::mark_processed(&mut *tx, event_id).await?,
     }
@@ -152,7 +159,10 @@ pub async fn apply_event(deps: &Deps, event_id: &str) -> Result<Report, ApplyErr
 
     if !released.is_empty() {
         let ids: Vec<&str> = released.iter().map(String::as_str).collect();
-        tracing::info!(count = ids.len(), "released deferred events of a newly linked customer");
+        tracing::info!(
+            count = ids.len(),
+            "released deferred events of a newly linked customer"
+        );
         if let Err(e) = deps.queue.push(&ids).await {
             tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
         }
@@ -174,7 +184,12 @@ async fn decide(
 ) -> Result<Verdict, ApplyError> {
     let event: Event = match serde_json::from_slice(&stored.payload) {
         Ok(event) => event,
-        Err(e) => return Ok(Verdict::bare(Decision::Ignored, format!("payload is not a Stripe event: {e}"))),
+        Err(e) => {
+            return Ok(Verdict::bare(
+                Decision::Ignored,
+                format!("payload is not a Stripe event: {e}"),
+            ));
+        }
     };
     let facts = match stripe::interpret(&event, &deps.plans) {
         Ok(facts) => facts,
@@ -194,7 +209,10 @@ async fn decide(
                     format!("no organization is linked to customer {customer} yet"),
                 )
             },
-            None => Verdict::bare(Decision::Ignored, "event names neither an organization nor a customer"),
+            None => Verdict::bare(
+                Decision::Ignored,
+                "event names neither an organization nor a customer",
+            ),
         });
     };
 
@@ -218,18 +236,25 @@ async fn decide(
     };
 
     let current = org.billing_state();
-    let (decision, outcome) = match billing::precedence(stored.stripe_created, org.state_event_created) {
-        Precedence::Newer => (Decision::Applied, billing::apply_change(&current, &change)),
-        Precedence::Older => (
-            Decision::Stale,
-            Outcome::Unchanged("older than the event behind the stored state"),
-        ),
-        Precedence::Tie => settle_tie(deps, &current, &change).await?,
-    };
+    let (decision, outcome) =
+        match billing::precedence(stored.stripe_created, org.state_event_created) {
+            Precedence::Newer => (Decision::Applied, billing::apply_change(&current, &change)),
+            Precedence::Older => (
+                Decision::Stale,
+                Outcome::Unchanged("older than the event behind the stored state"),
+            ),
+            Precedence::Tie => settle_tie(deps, &current, &change).await?,
+        };
     match outcome {
         Outcome::Changed(state) => {
-            organizations::set_billing_state(&mut **tx, &org.id, &state, &stored.id, stored.stripe_created)
-                .await?;
+            organizations::set_billing_state(
+                &mut **tx,
+                &org.id,
+                &state,
+                &stored.id,
+                stored.stripe_created,
+            )
+            .await?;
             verdict.status_after = Some(state.plan_status);
             verdict.detail = None;
         }
@@ -252,7 +277,9 @@ async fn settle_tie(
 ) -> Result<(Decision, Outcome), ApplyError> {
     let subscription_id = match change {
         BillingChange::Subscription(next) => next.subscription_id.as_deref(),
-        BillingChange::InvoicePaid { subscription_id, .. }
+        BillingChange::InvoicePaid {
+            subscription_id, ..
+        }
         | BillingChange::InvoicePaymentFailed { subscription_id } => Some(subscription_id.as_str()),
         BillingChange::LifetimePurchase => None,
     };
@@ -282,20 +309,20 @@ async fn link(
     checkout: Option<&CheckoutLink>,
 ) -> Result<Option<String>, ApplyError> {
     let already_linked = org.stripe_customer_id.as_deref() == Some(customer_id);
-    if checkout.is_none() && (already_linked || org.stripe_customer_id.is_some()) {
+    if checkout.is_none() && org.stripe_customer_id.is_some() {
         return Ok(None);
     }
-    if !already_linked {
-        if let Some(owner) = organizations::owner_of_customer(&mut **tx, customer_id).await? {
-            if checkout.is_none() {
-                return Ok(None);
-            }
-            return Err(ApplyError::CustomerConflict {
-                customer_id: customer_id.to_owned(),
-                owner,
-                organization_id: org.id.clone(),
-            });
+    if !already_linked
+        && let Some(owner) = organizations::owner_of_customer(&mut **tx, customer_id).await?
+    {
+        if checkout.is_none() {
+            return Ok(None);
         }
+        return Err(ApplyError::CustomerConflict {
+            customer_id: customer_id.to_owned(),
+            owner,
+            organization_id: org.id.clone(),
+        });
     }
     organizations::link_customer(
         &mut **tx,

@@ -47,8 +47,14 @@ pub async fn run(
         uuid::Uuid::new_v4().simple()
     );
     tracing::info!(worker = %name, concurrency = settings.concurrency, "consuming events");
-    let storage = deps.queue.storage().poll_with_interval(settings.poll_interval);
-    let context = Arc::new(JobContext { deps, max_attempts: settings.max_attempts });
+    let storage = deps
+        .queue
+        .storage()
+        .poll_with_interval(settings.poll_interval);
+    let context = Arc::new(JobContext {
+        deps,
+        max_attempts: settings.max_attempts,
+    });
     let worker = WorkerBuilder::new(name)
         .backend(storage)
         .data(context)
@@ -67,7 +73,9 @@ pub async fn run(
 async fn handle(job: ApplyEventV1, context: Data<Arc<JobContext>>) -> Result<(), BoxDynError> {
     let span = tracing::info_span!("apply_event", event.id = %job.event_id);
     let started = Instant::now();
-    let result = apply_event(&context.deps, &job.event_id).instrument(span).await;
+    let result = apply_event(&context.deps, &job.event_id)
+        .instrument(span)
+        .await;
     metrics::histogram!(APPLY_DURATION).record(started.elapsed().as_secs_f64());
     match result {
         Ok(report) => {
@@ -88,13 +96,19 @@ async fn handle(job: ApplyEventV1, context: Data<Arc<JobContext>>) -> Result<(),
 }
 
 /// Records a failure in Postgres and tells apalis whether to retry.
-async fn fail(context: &JobContext, event_id: &str, error: crate::apply::ApplyError) -> Result<(), BoxDynError> {
+async fn fail(
+    context: &JobContext,
+    event_id: &str,
+    error: crate::apply::ApplyError,
+) -> Result<(), BoxDynError> {
     let pool = &context.deps.pool;
     let message = error.to_string();
     if error.is_transient() {
         metrics::counter!(EVENT_FAILURES, "kind" => "transient").increment(1);
         // If Postgres itself is down this fails too; the job is retried all the same.
-        let attempts = webhook_events::record_failure(pool, event_id, &message).await.unwrap_or(0);
+        let attempts = webhook_events::record_failure(pool, event_id, &message)
+            .await
+            .unwrap_or(0);
         if attempts < context.max_attempts {
             tracing::warn!(event.id = %event_id, attempts, error = %message, "apply failed; will retry");
             return Err(error.into());

@@ -50,8 +50,12 @@ fn main() -> std::process::ExitCode {
 
 async fn migrate() -> anyhow::Result<()> {
     let config = DatabaseConfig::load(&Source::env(), 2).context("configuration error")?;
-    let pool = shared::db::connect(&config).await.context("connecting to Postgres (DATABASE_URL)")?;
-    shared::db::migrate(&pool).await.context("applying migrations")?;
+    let pool = shared::db::connect(&config)
+        .await
+        .context("connecting to Postgres (DATABASE_URL)")?;
+    shared::db::migrate(&pool)
+        .await
+        .context("applying migrations")?;
     println!("migrations applied");
     Ok(())
 }
@@ -62,10 +66,17 @@ async fn run() -> anyhow::Result<()> {
     // One TLS crypto provider for every TLS user in the process (reqwest, sqlx).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let metrics = shared::metrics::install().context("installing the metrics recorder")?;
-    let pool = shared::db::connect(&config.database).await.context("connecting to Postgres (DATABASE_URL)")?;
-    let redis = shared::queue::connect(&config.queue).await.context("connecting to Redis (REDIS_URL)")?;
+    let pool = shared::db::connect(&config.database)
+        .await
+        .context("connecting to Postgres (DATABASE_URL)")?;
+    let redis = shared::queue::connect(&config.queue)
+        .await
+        .context("connecting to Redis (REDIS_URL)")?;
     let stripe = match &config.stripe_secret_key {
-        Some(key) => Some(StripeApi::new(&config.stripe_api_base, key.clone()).context("building the Stripe client")?),
+        Some(key) => Some(
+            StripeApi::new(&config.stripe_api_base, key.clone())
+                .context("building the Stripe client")?,
+        ),
         None => None,
     };
     let deps = Deps {
@@ -86,13 +97,19 @@ async fn run() -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let metrics_server = tokio::spawn(shared::metrics::serve(metrics_listener, metrics, stopped(stop_rx.clone())));
+    let metrics_server = tokio::spawn(shared::metrics::serve(
+        metrics_listener,
+        metrics,
+        stopped(stop_rx.clone()),
+    ));
     let settings = ConsumerSettings {
         concurrency: config.concurrency,
         poll_interval: config.poll_interval,
         max_attempts: config.max_attempts,
     };
-    worker::consume::run(deps, &settings, stopped(stop_rx)).await.context("event consumer stopped")?;
+    worker::consume::run(deps, &settings, stopped(stop_rx))
+        .await
+        .context("event consumer stopped")?;
     metrics_server.abort();
     tracing::info!("worker stopped");
     Ok(())

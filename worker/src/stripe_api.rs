@@ -53,7 +53,11 @@ impl StripeApi {
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
             .build()?;
-        Ok(StripeApi { http, base: base.trim_end_matches('/').to_owned(), key })
+        Ok(StripeApi {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            key,
+        })
     }
 
     /// `GET /v1/subscriptions/{id}`.
@@ -71,7 +75,10 @@ impl StripeApi {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
-            return Err(StripeApiError::Status { status: status.as_u16(), message });
+            return Err(StripeApiError::Status {
+                status: status.as_u16(),
+                message,
+            });
         }
         serde_json::from_slice(&body).map_err(|e| StripeApiError::Decode(e.to_string()))
     }

@@ -35,7 +35,9 @@ pub async fn get_billing(
     let org = organizations::get(&state.pool, &organization_id)
         .await
         .map_err(|e| ApiError::Unavailable(e.into()))?
-        .ok_or_else(|| ApiError::NotFound(format!("organization {organization_id:?} is not known")))?;
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("organization {organization_id:?} is not known"))
+        })?;
     Ok(Json(BillingResponse {
         access: access(org.plan_status),
         organization_id: org.id,

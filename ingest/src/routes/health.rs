@@ -15,8 +15,18 @@ pub async fn healthz() -> Json<Value> {
 /// Readiness: both stores answer within their timeouts.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let mut redis = state.redis.clone();
-    let (postgres, redis) = tokio::join!(shared::db::ping(&state.pool), shared::queue::ping(&mut redis));
+    let (postgres, redis) = tokio::join!(
+        shared::db::ping(&state.pool),
+        shared::queue::ping(&mut redis)
+    );
     let verdict = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let status = if postgres.is_ok() && redis.is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "postgres": verdict(postgres.is_ok()), "redis": verdict(redis.is_ok()) })))
+    let status = if postgres.is_ok() && redis.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "postgres": verdict(postgres.is_ok()), "redis": verdict(redis.is_ok()) })),
+    )
 }

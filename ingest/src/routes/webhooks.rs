@@ -51,10 +51,14 @@ async fn store_and_enqueue(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<bool, ApiError> {
     let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: state.body_limit_bytes },
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
+            limit: state.body_limit_bytes,
+        },
         _ => ApiError::BadRequest(rejection.body_text()),
     })?;
-    let header = headers.get(SIGNATURE_HEADER).map(|v| v.to_str().unwrap_or_default());
+    let header = headers
+        .get(SIGNATURE_HEADER)
+        .map(|v| v.to_str().unwrap_or_default());
     signature::verify(
         &body,
         header,
@@ -76,12 +80,12 @@ async fn store_and_enqueue(
     };
     let inserted = webhook_events::insert(&state.pool, &event)
         .await
-        .map_err(|e| ApiError::Unavailable(anyhow::Error::new(e).context("storing the webhook event")))?;
-    if inserted {
-        if let Err(e) = state.queue.push(&[&envelope.id]).await {
-            ::metrics::counter!(ENQUEUE_FAILURES).increment(1);
-            tracing::warn!(event.id = %envelope.id, error = %e, "event stored but not enqueued; the sweeper will enqueue it");
-        }
+        .map_err(|e| {
+            ApiError::Unavailable(anyhow::Error::new(e).context("storing the webhook event"))
+        })?;
+    if inserted && let Err(e) = state.queue.push(&[&envelope.id]).await {
+        ::metrics::counter!(ENQUEUE_FAILURES).increment(1);
+        tracing::warn!(event.id = %envelope.id, error = %e, "event stored but not enqueued; the sweeper will enqueue it");
     }
     Ok(inserted)
 }

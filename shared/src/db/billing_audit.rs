@@ -61,7 +61,10 @@ pub struct NewAuditEntry<'a> {
 }
 
 /// Appends one decision.
-pub async fn insert<'e>(db: impl PgExecutor<'e>, entry: &NewAuditEntry<'_>) -> Result<(), sqlx::Error> {
+pub async fn insert<'e>(
+    db: impl PgExecutor<'e>,
+    entry: &NewAuditEntry<'_>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO billing_audit
             (event_id, event_type, organization_id, decision, status_before, status_after, detail)
@@ -101,7 +104,10 @@ pub struct AuditRow {
 }
 
 /// Every decision taken on one event, oldest first.
-pub async fn for_event<'e>(db: impl PgExecutor<'e>, event_id: &str) -> Result<Vec<AuditRow>, sqlx::Error> {
+pub async fn for_event<'e>(
+    db: impl PgExecutor<'e>,
+    event_id: &str,
+) -> Result<Vec<AuditRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT event_id, event_type, organization_id, decision, status_before, status_after,
                 detail, created_at

@@ -64,11 +64,18 @@ macro_rules! columns {
 }
 
 /// One organization, unlocked (reads).
-pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<Organization>, sqlx::Error> {
-    sqlx::query_as(concat!("SELECT ", columns!(), " FROM organizations WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+pub async fn get<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+) -> Result<Option<Organization>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM organizations WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
 /// Creates the organization if it does not exist, then locks and returns it.
@@ -80,7 +87,11 @@ pub async fn ensure_and_lock(
         .bind(id)
         .execute(&mut *db)
         .await?;
-    sqlx::query_as(concat!("SELECT ", columns!(), " FROM organizations WHERE id = $1 FOR UPDATE"))
+    sqlx::query_as(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM organizations WHERE id = $1 FOR UPDATE"
+    ))
     .bind(id)
     .fetch_one(&mut *db)
     .await
@@ -92,7 +103,9 @@ pub async fn lock_by_customer<'e>(
     customer_id: &str,
 ) -> Result<Option<Organization>, sqlx::Error> {
     sqlx::query_as(concat!(
-        "SELECT ", columns!(), " FROM organizations WHERE stripe_customer_id = $1 FOR UPDATE"
+        "SELECT ",
+        columns!(),
+        " FROM organizations WHERE stripe_customer_id = $1 FOR UPDATE"
     ))
     .bind(customer_id)
     .fetch_optional(db)

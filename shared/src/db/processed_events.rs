@@ -6,10 +6,11 @@ use sqlx::PgExecutor;
 /// Claims the event; `false` when it was already processed. A concurrent claim of the same id
 /// waits for the other transaction and then returns `false`.
 pub async fn insert<'e>(db: impl PgExecutor<'e>, event_id: &str) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query("INSERT INTO processed_events (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
-        .bind(event_id)
-        .execute(db)
-        .await?;
+    let result =
+        sqlx::query("INSERT INTO processed_events (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+            .bind(event_id)
+            .execute(db)
+            .await?;
     Ok(result.rows_affected() == 1)
 }
 

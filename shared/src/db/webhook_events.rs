@@ -27,7 +27,10 @@ pub struct NewEvent<'a> {
 }
 
 /// Stores the event; `false` when an event with this id is already stored (nothing changes).
-pub async fn insert<'e>(db: impl PgExecutor<'e>, event: &NewEvent<'_>) -> Result<bool, sqlx::Error> {
+pub async fn insert<'e>(
+    db: impl PgExecutor<'e>,
+    event: &NewEvent<'_>,
+) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
         "INSERT INTO webhook_events (id, type, livemode, api_version, stripe_created, payload)
          VALUES ($1, $2, $3, $4, $5, $6)
@@ -79,7 +82,10 @@ pub struct StoredEvent {
 }
 
 /// One stored event.
-pub async fn get<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<Option<StoredEvent>, sqlx::Error> {
+pub async fn get<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+) -> Result<Option<StoredEvent>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, type, livemode, api_version, stripe_created, payload, received_at, status,
                 attempts, last_error, stripe_customer_id, processed_at, enqueued_at
@@ -138,7 +144,11 @@ pub async fn release_deferred<'e>(
 }
 
 /// Counts a failed attempt and keeps its error, leaving the event pending for a retry.
-pub async fn record_failure<'e>(db: impl PgExecutor<'e>, id: &str, error: &str) -> Result<i32, sqlx::Error> {
+pub async fn record_failure<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+    error: &str,
+) -> Result<i32, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE webhook_events SET attempts = attempts + 1, last_error = $2
          WHERE id = $1 RETURNING attempts",
@@ -150,7 +160,11 @@ pub async fn record_failure<'e>(db: impl PgExecutor<'e>, id: &str, error: &str) 
 }
 
 /// Gives up on the event: a dead letter with its reason, kept for operators to replay.
-pub async fn mark_dead<'e>(db: impl PgExecutor<'e>, id: &str, error: &str) -> Result<(), sqlx::Error> {
+pub async fn mark_dead<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+    error: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE webhook_events SET status = 'dead', attempts = attempts + 1, last_error = $2,
                 processed_at = now()
