@@ -1,0 +1,480 @@
+//! The test harness: a Postgres database and a Redis queue prefix of one's own per test
+//! (dropped afterwards), the real `ingest` and `worker` binaries as child processes with their
+//! logs in `target/e2e-logs/`, and signed deliveries.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// Postgres of this machine (trust auth); `TEST_DATABASE_URL` overrides.
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Redis of this machine; `TEST_REDIS_URL` overrides.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The webhook secret the tests configure.
+pub const WEBHOOK_SECRET: &str = "whsec_test_primary";
+/// The internal API token the tests configure.
+pub const INTERNAL_TOKEN: &str = "test-internal-token";
+
+/// A unique, short tag for ids, database and queue names.
+pub fn unique_tag() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// A database of one's own, migrated; dropped when this is dropped.
+pub struct TestDb {
+    /// A pool on it.
+    pub pool: PgPool,
+    /// Its URL, for child processes.
+    pub url: String,
+    name: String,
+}
+
+impl TestDb {
+    /// Creates and migrates a fresh database.
+    pub async fn new() -> TestDb {
+        let name = format!("billing_test_{}", unique_tag());
+        let admin = PgPool::connect(&admin_database_url())
+            .await
+            .expect("connect to the admin database");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create the test database");
+        admin.close().await;
+        let url = database_url(&name);
+        let pool = PgPool::connect(&url)
+            .await
+            .expect("connect to the test database");
+        shared::db::MIGRATOR
+            .run(&pool)
+            .await
+            .expect("migrate the test database");
+        TestDb { pool, url, name }
+    }
+}
+
+fn database_url(name: &str) -> String {
+    let admin = admin_database_url();
+    let base = admin
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which is blocked here: do the cleanup on a thread
+        // and runtime of its own, and let FORCE close this pool's connections.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(runtime) = runtime {
+                runtime.block_on(async {
+                    if let Ok(admin) = PgPool::connect(&admin_database_url()).await {
+                        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// A Redis queue prefix of one's own; its keys are deleted when this is dropped.
+pub struct TestQueue {
+    /// The `QUEUE_PREFIX` to configure.
+    pub prefix: String,
+}
+
+impl TestQueue {
+    /// A fresh prefix.
+    pub fn new() -> TestQueue {
+        TestQueue {
+            prefix: format!("test-{}", unique_tag()),
+        }
+    }
+
+    /// Jobs waiting in the event queue: its active list plus its scheduled set (apalis-redis
+    /// puts new jobs in the scheduled set, due now).
+    pub fn waiting_jobs(&self) -> usize {
+        let queue = shared::queue::events_queue_name(&self.prefix);
+        let mut conn = redis::Client::open(redis_url())
+            .and_then(|c| c.get_connection())
+            .expect("redis");
+        let active: usize = redis::cmd("LLEN")
+            .arg(format!("{queue}:active"))
+            .query(&mut conn)
+            .expect("LLEN");
+        let scheduled: usize = redis::cmd("ZCARD")
+            .arg(format!("{queue}:scheduled"))
+            .query(&mut conn)
+            .expect("ZCARD");
+        active + scheduled
+    }
+}
+
+impl Default for TestQueue {
+    fn default() -> Self {
+        TestQueue::new()
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let Ok(mut conn) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+        }
+    }
+}
+
+/// Path of a workspace binary, built by `cargo build --workspace --bins` (the README's test
+/// command does that first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A child process, killed when dropped.
+pub struct Process {
+    child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `binary` with exactly `env` (plus PATH) and its output in a log file.
+    pub fn start(
+        binary_name: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log_name: &str,
+    ) -> Process {
+        let log_dir = binary(binary_name)
+            .parent()
+            .expect("target dir")
+            .join("e2e-logs");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let log = log_dir.join(format!("{log_name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(binary(binary_name))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start the binary");
+        Process { child, log }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Exited by itself?
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP client for ingest's API: signed webhooks and the internal endpoints.
+#[derive(Clone)]
+pub struct IngestClient {
+    /// `http://127.0.0.1:PORT`
+    pub base_url: String,
+    http: reqwest::Client,
+}
+
+impl IngestClient {
+    /// A client for ingest at `base_url`.
+    pub fn new(base_url: String) -> IngestClient {
+        // reqwest is built without a bundled TLS provider; use the one the services use.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        IngestClient {
+            base_url,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Posts `body` with `signature` as the `Stripe-Signature` header (or none).
+    pub async fn post_webhook_raw(&self, body: Vec<u8>, signature: Option<String>) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/webhooks/stripe", self.base_url))
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("Stripe-Signature", signature);
+        }
+        let response = request.send().await.expect("webhook request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Posts an event signed now with the tests' secret, as Stripe would.
+    pub async fn post_event(&self, event: &Value) -> (u16, Value) {
+        let body = serde_json::to_vec(event).expect("serialize event");
+        let signature =
+            shared::signature::header_for(&body, WEBHOOK_SECRET, chrono::Utc::now().timestamp());
+        self.post_webhook_raw(body, Some(signature)).await
+    }
+
+    /// `GET /v1/organizations/{id}/billing` with the tests' token.
+    pub async fn billing(&self, organization_id: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!(
+                "{}/v1/organizations/{organization_id}/billing",
+                self.base_url
+            ))
+            .bearer_auth(INTERNAL_TOKEN)
+            .send()
+            .await
+            .expect("billing request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET path`, status only.
+    pub async fn get_status(&self, path: &str) -> Option<u16> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base_url))
+            .send()
+            .await
+            .ok()?;
+        Some(response.status().as_u16())
+    }
+}
+
+/// The environment both binaries get in tests.
+pub fn pipeline_env(db: &TestDb, queue: &TestQueue) -> Vec<(String, String)> {
+    [
+        ("DATABASE_URL", db.url.as_str()),
+        ("REDIS_URL", &redis_url()),
+        ("QUEUE_PREFIX", &queue.prefix),
+        ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET),
+        ("INTERNAL_API_TOKEN", INTERNAL_TOKEN),
+        ("STRIPE_BASIC_PRICE_KEY", crate::stripe_events::BASIC_PRICE),
+        (
+            "STRIPE_PREMIUM_PRICE_KEY",
+            crate::stripe_events::PREMIUM_PRICE,
+        ),
+        (
+            "STRIPE_ENTERPRISE_PRODUCT_KEY",
+            crate::stripe_events::ENTERPRISE_PRODUCT,
+        ),
+        ("QUEUE_POLL_INTERVAL_MS", "100"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// The real pipeline: its own database and queue, `ingest` and `worker` running.
+pub struct Pipeline {
+    /// The database (the pool is for assertions).
+    pub db: TestDb,
+    /// The queue prefix.
+    pub queue: TestQueue,
+    /// The ingest process.
+    pub ingest: Process,
+    /// The worker process, when running.
+    pub worker: Option<Process>,
+    /// Client of the ingest API.
+    pub client: IngestClient,
+    env: Vec<(String, String)>,
+}
+
+impl Pipeline {
+    /// Starts ingest (waits until it is ready), with `extra` variables; no worker yet.
+    pub async fn start(extra: &[(&str, &str)]) -> Pipeline {
+        let db = TestDb::new().await;
+        let queue = TestQueue::new();
+        let mut env = pipeline_env(&db, &queue);
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let port = free_port();
+        let mut ingest_env = env.clone();
+        ingest_env.push(("INGEST_ADDR".into(), format!("127.0.0.1:{port}")));
+        ingest_env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{}", free_port())));
+        let mut ingest = Process::start(
+            "ingest",
+            &[],
+            &ingest_env,
+            &format!("ingest-{}", queue.prefix),
+        );
+        let client = IngestClient::new(format!("http://127.0.0.1:{port}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.get_status("/readyz").await != Some(200) {
+            if let Some(status) = ingest.exited() {
+                let log = std::fs::read_to_string(&ingest.log).unwrap_or_default();
+                panic!("ingest exited with {status}: {log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ingest not ready after 20 s; log: {}",
+                ingest.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Pipeline {
+            db,
+            queue,
+            ingest,
+            worker: None,
+            client,
+            env,
+        }
+    }
+
+    /// Counts rows of a table (assertions).
+    pub async fn count(&self, table: &'static str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("count rows")
+    }
+
+    /// Waits until the event has a decision in the audit table; returns the decisions.
+    pub async fn wait_for_decision(&self, event_id: &str) -> Vec<String> {
+        eventually(
+            Duration::from_secs(20),
+            &format!("a decision on {event_id}"),
+            || async {
+                let decisions: Vec<String> = sqlx::query_scalar(
+                    "SELECT decision FROM billing_audit WHERE event_id = $1 ORDER BY id",
+                )
+                .bind(event_id)
+                .fetch_all(&self.db.pool)
+                .await
+                .expect("audit query");
+                (!decisions.is_empty()).then_some(decisions)
+            },
+        )
+        .await
+    }
+
+    /// Starts a (new) worker process.
+    pub fn start_worker(&mut self) {
+        let mut env = self.env.clone();
+        env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{}", free_port())));
+        let log = format!("worker-{}-{}", self.queue.prefix, unique_tag());
+        self.worker = Some(Process::start("worker", &["run"], &env, &log));
+    }
+
+    /// The billing state once `check` accepts it, or a panic naming what was seen last.
+    pub async fn wait_for_billing(
+        &self,
+        organization_id: &str,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let last = std::sync::Mutex::new(Value::Null);
+        let result = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let (status, body) = self.client.billing(organization_id).await;
+                if status == 200 && check(&body) {
+                    return body;
+                }
+                *last.lock().expect("lock") = body;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        match result {
+            Ok(body) => body,
+            Err(_) => panic!(
+                "timed out waiting for {what}; last billing answer: {}; worker log: {}",
+                last.lock().expect("lock"),
+                self.worker
+                    .as_ref()
+                    .map(|w| w.log.display().to_string())
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
