@@ -273,3 +273,198 @@ pub fn precedence(
 pub fn tie_prefers(current: PlanStatus, candidate: PlanStatus) -> bool {
     candidate.lifecycle_rank() >= current.lifecycle_rank()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PlanStatus::*;
+
+    fn state(status: PlanStatus, subscription: Option<&str>) -> BillingState {
+        BillingState {
+            plan: Some("premium".into()),
+            plan_status: status,
+            subscription_id: subscription.map(str::to_owned),
+            cancel_at_period_end: false,
+            current_period_end: Option::None,
+            ended_at: Option::None,
+        }
+    }
+
+    fn snapshot(status: PlanStatus, subscription: &str) -> BillingChange {
+        BillingChange::Subscription(state(status, Some(subscription)))
+    }
+
+    fn paid(amount_paid: i64) -> BillingChange {
+        BillingChange::InvoicePaid {
+            subscription_id: "sub_1".into(),
+            amount_paid,
+        }
+    }
+
+    fn failed() -> BillingChange {
+        BillingChange::InvoicePaymentFailed {
+            subscription_id: "sub_1".into(),
+        }
+    }
+
+    #[test]
+    fn access_follows_the_design_table() {
+        let expected = [
+            (None, Access::Full),
+            (Active, Access::Full),
+            (Trialing, Access::Full),
+            (PastDue, Access::ReadOnly),
+            (Incomplete, Access::Blocked),
+            (IncompleteExpired, Access::Blocked),
+            (Unpaid, Access::Blocked),
+            (Canceled, Access::Blocked),
+            (Paused, Access::Blocked),
+        ];
+        assert_eq!(expected.len(), PlanStatus::ALL.len());
+        for (status, access_level) in expected {
+            assert_eq!(access(status), access_level, "{status}");
+        }
+    }
+
+    #[test]
+    fn stripe_status_names_round_trip() {
+        for status in PlanStatus::ALL {
+            let parsed = PlanStatus::from_stripe(status.as_str());
+            assert_eq!(parsed, (status != None).then_some(status), "{status}");
+        }
+        assert_eq!(PlanStatus::from_stripe("bogus"), Option::None);
+    }
+
+    #[test]
+    fn status_by_event_table() {
+        // (current status, current subscription, change, expected status or the unchanged reason)
+        let unchanged = |reason: &'static str| Err(reason);
+        let other_sub = "invoice of a subscription that is not the organization's current one";
+        let ended = "the subscription has already ended";
+        let cases: Vec<(
+            PlanStatus,
+            Option<&str>,
+            BillingChange,
+            Result<PlanStatus, &str>,
+        )> = vec![
+            (
+                None,
+                Option::None,
+                snapshot(Incomplete, "sub_1"),
+                Ok(Incomplete),
+            ),
+            (Incomplete, Some("sub_1"), paid(2000), Ok(Active)),
+            (None, Option::None, paid(2000), Ok(Active)),
+            (Active, Some("sub_1"), failed(), Ok(PastDue)),
+            (Trialing, Some("sub_1"), failed(), Ok(PastDue)),
+            (PastDue, Some("sub_1"), paid(2000), Ok(Active)),
+            (Unpaid, Some("sub_1"), paid(2000), Ok(Active)),
+            (
+                Trialing,
+                Some("sub_1"),
+                paid(0),
+                unchanged("a $0 trial invoice leaves trialing as it is"),
+            ),
+            (Active, Some("sub_1"), paid(0), Ok(Active)),
+            (
+                Incomplete,
+                Some("sub_1"),
+                failed(),
+                unchanged("a failed first payment leaves the subscription incomplete"),
+            ),
+            (Active, Some("sub_2"), paid(2000), unchanged(other_sub)),
+            (Active, Some("sub_2"), failed(), unchanged(other_sub)),
+            (Canceled, Some("sub_1"), paid(2000), unchanged(ended)),
+            (IncompleteExpired, Some("sub_1"), failed(), unchanged(ended)),
+            (
+                Active,
+                Some("sub_1"),
+                snapshot(Canceled, "sub_1"),
+                Ok(Canceled),
+            ),
+            (Active, Some("sub_1"), snapshot(Paused, "sub_1"), Ok(Paused)),
+            (Paused, Some("sub_1"), snapshot(Active, "sub_1"), Ok(Active)),
+            (Active, Some("sub_2"), snapshot(Active, "sub_1"), Ok(Active)),
+            (
+                Active,
+                Some("sub_2"),
+                snapshot(Canceled, "sub_1"),
+                unchanged("the end of a subscription that is not the organization's current one"),
+            ),
+            (
+                Canceled,
+                Some("sub_1"),
+                snapshot(Active, "sub_2"),
+                Ok(Active),
+            ),
+            (
+                Canceled,
+                Some("sub_1"),
+                BillingChange::LifetimePurchase,
+                Ok(Active),
+            ),
+        ];
+        for (status, subscription, change, expected) in cases {
+            let current = state(status, subscription);
+            let got = match apply_change(&current, &change) {
+                Outcome::Changed(next) => Ok(next.plan_status),
+                Outcome::Unchanged(reason) => Err(reason),
+            };
+            assert_eq!(got, expected, "{status} {subscription:?} + {change:?}");
+        }
+    }
+
+    #[test]
+    fn a_lifetime_purchase_has_no_subscription_and_no_end() {
+        let Outcome::Changed(next) =
+            apply_change(&state(None, Option::None), &BillingChange::LifetimePurchase)
+        else {
+            panic!("a lifetime purchase always applies");
+        };
+        assert_eq!(next.plan.as_deref(), Some(LIFETIME_PLAN));
+        assert_eq!(
+            (next.subscription_id, next.current_period_end),
+            (Option::None, Option::None)
+        );
+    }
+
+    #[test]
+    fn invoice_changes_keep_the_subscription_details() {
+        let mut current = state(PastDue, Some("sub_1"));
+        current.cancel_at_period_end = true;
+        current.current_period_end = DateTime::from_timestamp(1_900_000_000, 0);
+        let Outcome::Changed(next) = apply_change(&current, &paid(100)) else {
+            panic!("applies")
+        };
+        assert_eq!(
+            next,
+            BillingState {
+                plan_status: Active,
+                ..current
+            }
+        );
+    }
+
+    #[test]
+    fn precedence_compares_whole_seconds() {
+        let t = |s| DateTime::from_timestamp(s, 0);
+        let at = |s| t(s).expect("valid");
+        assert_eq!(precedence(at(10), Option::None), Precedence::Newer);
+        assert_eq!(precedence(at(11), t(10)), Precedence::Newer);
+        assert_eq!(precedence(at(9), t(10)), Precedence::Older);
+        assert_eq!(precedence(at(10), t(10)), Precedence::Tie);
+    }
+
+    #[test]
+    fn ties_go_to_the_status_further_along_the_lifecycle() {
+        assert!(tie_prefers(Incomplete, Active));
+        assert!(!tie_prefers(Active, Incomplete));
+        assert!(tie_prefers(Active, PastDue));
+        assert!(tie_prefers(PastDue, Canceled));
+        assert!(!tie_prefers(Canceled, Active));
+        assert!(
+            tie_prefers(Active, Active),
+            "equal rank: the newer snapshot replaces"
+        );
+    }
+}

@@ -92,13 +92,19 @@ impl Source {
         }
     }
 
-    fn database_url(&self) -> Result<String, ConfigError> {
+    fn database_url(&self) -> Result<SecretString, ConfigError> {
         let url = self.required("DATABASE_URL")?;
-        sqlx::postgres::PgConnectOptions::from_str(&url).map_err(|e| ConfigError::Invalid {
+        let invalid = |reason: String| ConfigError::Invalid {
             name: "DATABASE_URL",
-            reason: e.to_string(),
-        })?;
-        Ok(url)
+            reason,
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "expected a postgres:// or postgresql:// URL".into(),
+            ));
+        }
+        sqlx::postgres::PgConnectOptions::from_str(&url).map_err(|e| invalid(e.to_string()))?;
+        Ok(SecretString::from(url))
     }
 
     fn redis_url(&self) -> Result<String, ConfigError> {
@@ -151,8 +157,8 @@ impl FromStr for LogFormat {
 /// Only `DATABASE_URL`: for `worker migrate` and the operator commands.
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
-    /// Postgres connection URL.
-    pub url: String,
+    /// Postgres connection URL (secret: it may hold a password).
+    pub url: SecretString,
     /// Pool size (`DATABASE_MAX_CONNECTIONS`).
     pub max_connections: u32,
 }
@@ -290,7 +296,10 @@ mod tests {
     use super::*;
 
     const INGEST: &[(&str, &str)] = &[
-        ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/db"),
+        (
+            "DATABASE_URL",
+            "postgres://postgres:pg-password@127.0.0.1:5432/db",
+        ),
         ("REDIS_URL", "redis://127.0.0.1:6379"),
         ("STRIPE_WEBHOOK_SECRET", "whsec_old, whsec_new"),
         ("INTERNAL_API_TOKEN", "token-123"),
