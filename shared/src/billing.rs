@@ -335,18 +335,21 @@ mod tests {
         assert_eq!(PlanStatus::from_stripe("bogus"), Option::None);
     }
 
+    /// Current status, current subscription, change, expected status or the unchanged reason.
+    type Case = (
+        PlanStatus,
+        Option<&'static str>,
+        BillingChange,
+        Result<PlanStatus, &'static str>,
+    );
+
     #[test]
     fn status_by_event_table() {
         // (current status, current subscription, change, expected status or the unchanged reason)
         let unchanged = |reason: &'static str| Err(reason);
         let other_sub = "invoice of a subscription that is not the organization's current one";
         let ended = "the subscription has already ended";
-        let cases: Vec<(
-            PlanStatus,
-            Option<&str>,
-            BillingChange,
-            Result<PlanStatus, &str>,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 None,
                 Option::None,

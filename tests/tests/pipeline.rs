@@ -23,6 +23,9 @@ fn signed_body(tag: &str) -> Vec<u8> {
     serde_json::to_vec(&ev).expect("serialize")
 }
 
+/// Case name, body, signature header, expected status and error code.
+type Refusal = (&'static str, Vec<u8>, Option<String>, u16, &'static str);
+
 #[tokio::test]
 async fn signatures_are_checked_against_every_secret_and_rejected_requests_store_nothing() {
     let secrets = format!("whsec_rolled_old,{WEBHOOK_SECRET}");
@@ -42,7 +45,7 @@ async fn signatures_are_checked_against_every_secret_and_rejected_requests_store
         .split_once(",v1=")
         .map(|(_, v)| v.to_owned())
         .expect("v1");
-    let refusals: Vec<(&str, Vec<u8>, Option<String>, u16, &str)> = vec![
+    let refusals: Vec<Refusal> = vec![
         (
             "tampered body",
             tampered,

@@ -29,9 +29,10 @@ async fn main() -> anyhow::Result<()> {
         "organization {}: sending a signed subscription lifecycle to {base}",
         customer.organization_id
     );
+    let columns = ["event", "plan_status", "access", "cancel@end", "period_end"];
     println!(
-        "{:<32} {:<12} {:<10} {:<9} {}",
-        "event", "plan_status", "access", "cancel@end", "period_end"
+        "{:<32} {:<12} {:<10} {:<10} {}",
+        columns[0], columns[1], columns[2], columns[3], columns[4]
     );
 
     for step in subscription_lifecycle(&customer, chrono::Utc::now().timestamp()) {
@@ -51,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let state = wait_for_state(&http, &base, &token, &customer.organization_id, &step).await?;
         println!(
-            "{:<32} {:<12} {:<10} {:<9} {}",
+            "{:<32} {:<12} {:<10} {:<10} {}",
             step.event["type"].as_str().unwrap_or_default(),
             state["plan_status"].as_str().unwrap_or_default(),
             state["access"].as_str().unwrap_or_default(),
