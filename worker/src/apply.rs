@@ -4,8 +4,9 @@
 //! row and the inbox status. Either all of it commits or none of it does, so a crash anywhere
 //! leaves the event to be applied again by the next delivery of its job.
 //!
-//! Lock order is always `processed_events` row, then organization row, so two workers never
-//! deadlock; two events of one organization are applied one after the other.
+//! Lock order is always `processed_events` row, then the customer-link lock, then the
+//! organization row, so two workers never deadlock; two events of one organization (or one
+//! customer) are applied one after the other.
 
 use chrono::{DateTime, Utc};
 use shared::billing::{self, BillingChange, BillingState, Outcome, PlanStatus, Precedence};
@@ -195,6 +196,9 @@ async fn decide(
         Ok(facts) => facts,
         Err(ignored) => return Ok(Verdict::bare(Decision::Ignored, ignored.to_string())),
     };
+    if let Some(customer) = &facts.customer_id {
+        organizations::lock_customer_link(&mut **tx, customer).await?;
+    }
     let org = match (&facts.organization_id, &facts.customer_id) {
         (Some(id), _) => Some(organizations::ensure_and_lock(tx, id).await?),
         (None, Some(customer)) => organizations::lock_by_customer(&mut **tx, customer).await?,

@@ -177,3 +177,18 @@ pub async fn owner_of_customer<'e>(
         .fetch_optional(db)
         .await
 }
+
+/// Serializes, until the transaction ends, every transaction that resolves or links this
+/// Stripe customer. Without it an event deferred for want of the link could commit its
+/// deferral just after a concurrent checkout released the customer's deferred events, and wait
+/// forever. Take it before locking any organization row (one lock order, no deadlock).
+pub async fn lock_customer_link<'e>(
+    db: impl PgExecutor<'e>,
+    customer_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('stripe-customer:' || $1, 0))")
+        .bind(customer_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
