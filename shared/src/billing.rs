@@ -157,6 +157,9 @@ pub enum BillingChange {
     InvoicePaymentFailed {
         /// The invoice's subscription.
         subscription_id: String,
+        /// The subscription's first invoice (`billing_reason = subscription_create`): its failure
+        /// leaves the subscription `incomplete`, where a renewal's makes it `past_due`.
+        first_invoice: bool,
     },
     /// A paid one-time checkout: active for life, no subscription.
     LifetimePurchase,
@@ -211,11 +214,16 @@ pub fn apply_change(current: &BillingState, change: &BillingChange) -> Outcome {
                 ..current.clone()
             })
         }
-        BillingChange::InvoicePaymentFailed { subscription_id } => {
+        BillingChange::InvoicePaymentFailed {
+            subscription_id,
+            first_invoice,
+        } => {
             if let Some(reason) = invoice_mismatch(current, subscription_id) {
                 return Outcome::Unchanged(reason);
             }
-            if current.plan_status == PlanStatus::Incomplete {
+            // Decided by the invoice, not the stored status, which may lag behind a late paid
+            // invoice: the result must not depend on delivery order.
+            if *first_invoice {
                 return Outcome::Unchanged(
                     "a failed first payment leaves the subscription incomplete",
                 );
@@ -304,6 +312,14 @@ mod tests {
     fn failed() -> BillingChange {
         BillingChange::InvoicePaymentFailed {
             subscription_id: "sub_1".into(),
+            first_invoice: false,
+        }
+    }
+
+    fn first_failed() -> BillingChange {
+        BillingChange::InvoicePaymentFailed {
+            subscription_id: "sub_1".into(),
+            first_invoice: true,
         }
     }
 
@@ -372,9 +388,16 @@ mod tests {
             (
                 Incomplete,
                 Some("sub_1"),
-                failed(),
+                first_failed(),
                 unchanged("a failed first payment leaves the subscription incomplete"),
             ),
+            (
+                Active,
+                Some("sub_1"),
+                first_failed(),
+                unchanged("a failed first payment leaves the subscription incomplete"),
+            ),
+            (Incomplete, Some("sub_1"), failed(), Ok(PastDue)),
             (Active, Some("sub_2"), paid(2000), unchanged(other_sub)),
             (Active, Some("sub_2"), failed(), unchanged(other_sub)),
             (Canceled, Some("sub_1"), paid(2000), unchanged(ended)),

@@ -204,6 +204,9 @@ pub struct Invoice {
     /// Amount paid, smallest currency unit.
     #[serde(default)]
     pub amount_paid: i64,
+    /// Why the invoice was created: `subscription_create` for a subscription's first one.
+    #[serde(default)]
+    pub billing_reason: Option<String>,
 }
 
 /// `invoice.parent`.
@@ -443,7 +446,10 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
                     amount_paid: invoice.amount_paid,
                 }
             } else {
-                BillingChange::InvoicePaymentFailed { subscription_id }
+                BillingChange::InvoicePaymentFailed {
+                    subscription_id,
+                    first_invoice: invoice.billing_reason.as_deref() == Some("subscription_create"),
+                }
             };
             Ok(Interpretation {
                 organization_id: invoice

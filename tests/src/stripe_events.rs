@@ -120,13 +120,17 @@ impl Customer {
     }
 
     /// An invoice of the subscription on the current API shape
-    /// (`parent.subscription_details.subscription`).
-    pub fn invoice(&self, amount_paid: i64) -> Value {
+    /// (`parent.subscription_details.subscription`); `billing_reason` is
+    /// `subscription_create` for the first invoice, `subscription_cycle` for renewals.
+    pub fn invoice(&self, amount_paid: i64, billing_reason: &str) -> Value {
         let mut invoice = fixture(INVOICE);
-        invoice["id"] = json!(format!("in_{}_{amount_paid}", self.subscription_id));
+        invoice["id"] = json!(format!(
+            "in_{}_{billing_reason}_{amount_paid}",
+            self.subscription_id
+        ));
         invoice["customer"] = json!(self.customer_id);
         invoice["amount_paid"] = json!(amount_paid);
-        invoice["billing_reason"] = json!("subscription_cycle");
+        invoice["billing_reason"] = json!(billing_reason);
         invoice["parent"] = json!({
             "quote_details": null,
             "subscription_details": { "metadata": {}, "subscription": self.subscription_id },
@@ -137,8 +141,8 @@ impl Customer {
     }
 
     /// The same invoice on an older API version: `invoice.subscription`, no `parent`.
-    pub fn old_invoice(&self, amount_paid: i64) -> Value {
-        let mut invoice = self.invoice(amount_paid);
+    pub fn old_invoice(&self, amount_paid: i64, billing_reason: &str) -> Value {
+        let mut invoice = self.invoice(amount_paid, billing_reason);
         invoice
             .as_object_mut()
             .expect("invoice is an object")
@@ -197,12 +201,20 @@ pub fn subscription_lifecycle(customer: &Customer, start: i64) -> Vec<Step> {
             false,
         ),
         step(
-            ev(2, "invoice.paid", customer.invoice(2000)),
+            ev(
+                2,
+                "invoice.paid",
+                customer.invoice(2000, "subscription_create"),
+            ),
             "active",
             false,
         ),
         step(
-            ev(3, "invoice.payment_failed", customer.invoice(0)),
+            ev(
+                3,
+                "invoice.payment_failed",
+                customer.invoice(0, "subscription_cycle"),
+            ),
             "past_due",
             false,
         ),
@@ -216,7 +228,11 @@ pub fn subscription_lifecycle(customer: &Customer, start: i64) -> Vec<Step> {
             false,
         ),
         step(
-            ev(5, "invoice.paid", customer.invoice(2000)),
+            ev(
+                5,
+                "invoice.paid",
+                customer.invoice(2000, "subscription_cycle"),
+            ),
             "active",
             false,
         ),

@@ -18,7 +18,7 @@ fn signed_body(tag: &str) -> Vec<u8> {
         &format!("evt_{tag}"),
         "invoice.paid",
         now(),
-        customer.invoice(2000),
+        customer.invoice(2000, "subscription_cycle"),
     );
     serde_json::to_vec(&ev).expect("serialize")
 }

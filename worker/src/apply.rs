@@ -284,7 +284,9 @@ async fn settle_tie(
         BillingChange::InvoicePaid {
             subscription_id, ..
         }
-        | BillingChange::InvoicePaymentFailed { subscription_id } => Some(subscription_id.as_str()),
+        | BillingChange::InvoicePaymentFailed {
+            subscription_id, ..
+        } => Some(subscription_id.as_str()),
         BillingChange::LifetimePurchase => None,
     };
     if let (Some(api), Some(id)) = (&deps.stripe, subscription_id) {
