@@ -478,3 +478,67 @@ impl Pipeline {
         }
     }
 }
+
+/// A local stand-in for Stripe's API: serves the subscriptions put in it, Stripe-shaped, and
+/// counts the requests.
+#[derive(Clone, Default)]
+pub struct FakeStripe {
+    subscriptions: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeStripe {
+    /// Serves on a loopback port; returns the fake and its base URL.
+    pub async fn start() -> (FakeStripe, String) {
+        use axum::extract::{Path, State};
+        use axum::http::StatusCode;
+        let fake = FakeStripe::default();
+        let app = axum::Router::new()
+            .route(
+                "/v1/subscriptions/{id}",
+                axum::routing::get(
+                    |State(fake): State<FakeStripe>, Path(id): Path<String>| async move {
+                        fake.requests
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let found = fake.subscriptions.lock().expect("lock").get(&id).cloned();
+                        match found {
+                            Some(sub) => (StatusCode::OK, axum::Json(sub)),
+                            None => (
+                                StatusCode::NOT_FOUND,
+                                axum::Json(serde_json::json!({ "error": {
+                                    "code": "resource_missing",
+                                    "message": format!("No such subscription: '{id}'"),
+                                    "param": "id",
+                                    "type": "invalid_request_error"
+                                }})),
+                            ),
+                        }
+                    },
+                ),
+            )
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake Stripe");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (fake, url)
+    }
+
+    /// What `GET /v1/subscriptions/{id}` answers from now on.
+    pub fn set_subscription(&self, subscription: Value) {
+        let id = subscription["id"]
+            .as_str()
+            .expect("subscription id")
+            .to_owned();
+        self.subscriptions
+            .lock()
+            .expect("lock")
+            .insert(id, subscription);
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -320,3 +320,5 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
         .expect("ingest exits after SIGTERM");
     assert!(status.success(), "ingest exit status {status}");
 }
+
+mod ordering;

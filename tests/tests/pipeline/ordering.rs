@@ -1,0 +1,309 @@
+//! Stripe's real delivery: any order, duplicates, concurrency, same-second ties, events before
+//! their checkout, and older API versions.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use e2e::harness::{FakeStripe, Pipeline, eventually, unique_tag};
+use e2e::stripe_events::{Customer, event, subscription_lifecycle};
+use futures::StreamExt;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Waits until the inbox has `total` events and every one of them is processed.
+async fn wait_until_all_processed(p: &Pipeline, total: i64) {
+    eventually(
+        Duration::from_secs(90),
+        "every event to be processed",
+        || async {
+            let (stored, processed): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'processed') FROM webhook_events",
+            )
+            .fetch_one(&p.db.pool)
+            .await
+            .expect("count");
+            (stored == total && processed == total).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The decisions of one event, oldest first.
+async fn decisions(p: &Pipeline, event_id: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT decision FROM billing_audit WHERE event_id = $1 ORDER BY id")
+        .bind(event_id)
+        .fetch_all(&p.db.pool)
+        .await
+        .expect("audit")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_state() {
+    let seed: u64 = std::env::var("DELIVERY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!("delivery seed {seed} (replay with DELIVERY_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let mut p = Pipeline::start(&[("WORKER_CONCURRENCY", "4")]).await;
+    // Two worker processes of four tasks each: eight concurrent appliers.
+    p.start_worker();
+    let first_worker = p.worker.take();
+    p.start_worker();
+
+    let run = unique_tag();
+    let start = now() - 3600;
+    let mut expected = HashMap::new();
+    let mut deliveries = Vec::new();
+    let mut total_events = 0;
+    for n in 0..30 {
+        let customer = Customer::new(&format!("{run}_{n}"));
+        let mut steps = subscription_lifecycle(&customer, start + n * 20);
+        steps.truncate(rng.random_range(1..=steps.len()));
+        let newest = steps.last().expect("at least one step");
+        expected.insert(
+            customer.organization_id.clone(),
+            (newest.plan_status, newest.cancel_at_period_end),
+        );
+        total_events += steps.len() as i64;
+        for step in steps {
+            for _ in 0..rng.random_range(1..=3) {
+                deliveries.push(step.event.clone());
+            }
+        }
+    }
+    deliveries.shuffle(&mut rng);
+
+    let client = p.client.clone();
+    let statuses: Vec<u16> = futures::stream::iter(deliveries)
+        .map(|ev| {
+            let client = client.clone();
+            async move { client.post_event(&ev).await.0 }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "seed {seed}: every delivery is accepted: {statuses:?}"
+    );
+
+    wait_until_all_processed(&p, total_events).await;
+    for (organization_id, (status, cancel)) in &expected {
+        let (code, body) = p.client.billing(organization_id).await;
+        assert_eq!(code, 200, "seed {seed}: {organization_id}");
+        assert_eq!(
+            (
+                body["plan_status"].as_str(),
+                body["cancel_at_period_end"].as_bool()
+            ),
+            (Some(*status), Some(*cancel)),
+            "seed {seed}: {organization_id}: {body}"
+        );
+    }
+    // Exactly one final decision per event, whatever the duplicates.
+    let finals: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT event_id, count(*) FROM billing_audit
+         WHERE decision NOT IN ('deferred', 'duplicate') GROUP BY event_id",
+    )
+    .fetch_all(&p.db.pool)
+    .await
+    .expect("audit");
+    assert_eq!(finals.len() as i64, total_events, "seed {seed}");
+    assert!(
+        finals.iter().all(|(_, n)| *n == 1),
+        "seed {seed}: {finals:?}"
+    );
+    drop(first_worker);
+}
+
+/// Posts events created in the same second: a subscription snapshot saying `active`, then a
+/// failed renewal (which alone would mean `past_due`).
+async fn post_same_second_tie(p: &Pipeline, customer: &Customer) -> String {
+    let t = now();
+    let checkout = event(
+        &format!("evt_{}_checkout", customer.customer_id),
+        "checkout.session.completed",
+        t - 10,
+        customer.checkout_session("subscription"),
+    );
+    let updated = event(
+        &format!("evt_{}_updated", customer.customer_id),
+        "customer.subscription.updated",
+        t,
+        customer.subscription("active", false, t + 86_400),
+    );
+    let failed = event(
+        &format!("evt_{}_failed", customer.customer_id),
+        "invoice.payment_failed",
+        t,
+        customer.invoice(0, "subscription_cycle"),
+    );
+    for ev in [&checkout, &updated] {
+        assert_eq!(p.client.post_event(ev).await.0, 200);
+        p.wait_for_decision(ev["id"].as_str().expect("id")).await;
+    }
+    assert_eq!(p.client.post_event(&failed).await.0, 200);
+    let failed_id = failed["id"].as_str().expect("id").to_owned();
+    p.wait_for_decision(&failed_id).await;
+    failed_id
+}
+
+#[tokio::test]
+async fn a_same_second_tie_is_settled_by_refetching_the_subscription() {
+    let (stripe, stripe_url) = FakeStripe::start().await;
+    let mut p = Pipeline::start(&[
+        ("STRIPE_SECRET_KEY", "sk_test_fake"),
+        ("STRIPE_API_BASE", &stripe_url),
+    ])
+    .await;
+    p.start_worker();
+    let customer = Customer::new(&unique_tag());
+    // Stripe's truth: the retry already succeeded, the subscription is active.
+    stripe.set_subscription(customer.subscription("active", false, now() + 86_400));
+
+    let failed_id = post_same_second_tie(&p, &customer).await;
+    assert_eq!(decisions(&p, &failed_id).await, ["refetched"]);
+    assert_eq!(stripe.requests(), 1);
+    let (_, body) = p.client.billing(&customer.organization_id).await;
+    assert_eq!(body["plan_status"], "active", "{body}");
+}
+
+#[tokio::test]
+async fn without_the_api_a_same_second_tie_follows_the_lifecycle_rule() {
+    let mut p = Pipeline::start(&[]).await;
+    p.start_worker();
+    let customer = Customer::new(&unique_tag());
+    let failed_id = post_same_second_tie(&p, &customer).await;
+    assert_eq!(decisions(&p, &failed_id).await, ["tie"]);
+    let (_, body) = p.client.billing(&customer.organization_id).await;
+    assert_eq!(
+        body["plan_status"], "past_due",
+        "past_due is further along than active: {body}"
+    );
+}
+
+#[tokio::test]
+async fn a_subscription_event_before_its_checkout_is_deferred_then_applied() {
+    let mut p = Pipeline::start(&[]).await;
+    p.start_worker();
+    let customer = Customer::new(&unique_tag());
+    let t = now();
+    let created = event(
+        &format!("evt_{}_created", customer.customer_id),
+        "customer.subscription.created",
+        t,
+        customer.subscription("active", false, t + 86_400),
+    );
+    assert_eq!(p.client.post_event(&created).await.0, 200);
+    let created_id = created["id"].as_str().expect("id");
+    assert_eq!(p.wait_for_decision(created_id).await, ["deferred"]);
+    let (status, _) = p.client.billing(&customer.organization_id).await;
+    assert_eq!(status, 404, "nothing is known of the organization yet");
+
+    let checkout = event(
+        &format!("evt_{}_checkout", customer.customer_id),
+        "checkout.session.completed",
+        t - 1,
+        customer.checkout_session("subscription"),
+    );
+    assert_eq!(p.client.post_event(&checkout).await.0, 200);
+    let body = p
+        .wait_for_billing(
+            &customer.organization_id,
+            "the deferred event applied",
+            |b| b["plan_status"] == "active",
+        )
+        .await;
+    assert_eq!(body["plan"], "premium");
+    assert_eq!(decisions(&p, created_id).await, ["deferred", "applied"]);
+}
+
+#[tokio::test]
+async fn events_of_an_older_api_version_apply() {
+    let mut p = Pipeline::start(&[]).await;
+    p.start_worker();
+    let customer = Customer::new(&unique_tag());
+    let t = now();
+    let period_end = t + 30 * 86_400;
+    let mut events = vec![
+        event(
+            &format!("evt_{}_checkout", customer.customer_id),
+            "checkout.session.completed",
+            t,
+            customer.checkout_session("subscription"),
+        ),
+        event(
+            &format!("evt_{}_created", customer.customer_id),
+            "customer.subscription.created",
+            t + 1,
+            customer.old_subscription("past_due", true, period_end),
+        ),
+        event(
+            &format!("evt_{}_paid", customer.customer_id),
+            "invoice.paid",
+            t + 2,
+            customer.old_invoice(2000, "subscription_cycle"),
+        ),
+    ];
+    for ev in &mut events {
+        ev["api_version"] = Value::from(e2e::stripe_events::OLD_API_VERSION);
+        assert_eq!(p.client.post_event(ev).await.0, 200);
+        assert_eq!(
+            p.wait_for_decision(ev["id"].as_str().expect("id")).await,
+            ["applied"]
+        );
+    }
+    let (_, body) = p.client.billing(&customer.organization_id).await;
+    assert_eq!(body["plan_status"], "active", "{body}");
+    assert_eq!(body["cancel_at_period_end"], true, "{body}");
+    let expected_end = chrono::DateTime::from_timestamp(period_end, 0).expect("time");
+    let got_end: chrono::DateTime<chrono::Utc> = body["current_period_end"]
+        .as_str()
+        .expect("period end")
+        .parse()
+        .expect("RFC 3339");
+    assert_eq!(got_end, expected_end);
+}
+
+#[tokio::test]
+async fn unknown_types_and_unreadable_payloads_are_ignored_not_errors() {
+    let mut p = Pipeline::start(&[]).await;
+    p.start_worker();
+    let tag = unique_tag();
+    let customer = Customer::new(&tag);
+    let unknown = event(
+        &format!("evt_{tag}_plan"),
+        "plan.created",
+        now(),
+        serde_json::json!({ "id": "plan_1" }),
+    );
+    let mut unreadable = event(
+        &format!("evt_{tag}_sub"),
+        "customer.subscription.updated",
+        now(),
+        customer.subscription("active", false, now()),
+    );
+    unreadable["data"]["object"]
+        .as_object_mut()
+        .expect("object")
+        .remove("status");
+    for ev in [&unknown, &unreadable] {
+        assert_eq!(p.client.post_event(ev).await.0, 200);
+        assert_eq!(
+            p.wait_for_decision(ev["id"].as_str().expect("id")).await,
+            ["ignored"]
+        );
+    }
+    let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM webhook_events ORDER BY id")
+        .fetch_all(&p.db.pool)
+        .await
+        .expect("rows");
+    assert_eq!(statuses, ["processed", "processed"]);
+}
