@@ -479,3 +479,98 @@ fn read<T: serde::de::DeserializeOwned>(
         reason: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn plans() -> PlanMapping {
+        PlanMapping {
+            basic_price: "basic_monthly".into(),
+            premium_price: "price_premium".into(),
+            enterprise_product: "prod_ent".into(),
+        }
+    }
+
+    fn event(event_type: &str, object: serde_json::Value) -> Event {
+        serde_json::from_value(json!({
+            "id": "evt_1", "type": event_type, "created": 1_800_000_000, "data": { "object": object }
+        }))
+        .expect("event")
+    }
+
+    fn subscription_with_price(price: serde_json::Value) -> serde_json::Value {
+        json!({
+            "id": "sub_1", "customer": "cus_1", "status": "active",
+            "items": { "data": [{ "current_period_end": 1_800_086_400, "price": price }] }
+        })
+    }
+
+    #[test]
+    fn plans_map_by_price_id_lookup_key_or_enterprise_product() {
+        let cases = [
+            (
+                json!({ "id": "price_premium", "product": "prod_x" }),
+                Some("premium"),
+            ),
+            (
+                json!({ "id": "price_x", "lookup_key": "basic_monthly", "product": "prod_x" }),
+                Some("basic"),
+            ),
+            (
+                json!({ "id": "price_custom", "product": { "id": "prod_ent" } }),
+                Some("enterprise"),
+            ),
+            (json!({ "id": "price_other", "product": "prod_x" }), None),
+        ];
+        for (price, plan) in cases {
+            let subscription: Subscription =
+                serde_json::from_value(subscription_with_price(price.clone())).expect("sub");
+            assert_eq!(plans().plan_for(&subscription), plan, "{price}");
+        }
+    }
+
+    #[test]
+    fn a_paid_one_time_checkout_is_a_lifetime_purchase() {
+        let session = json!({
+            "mode": "payment", "payment_status": "paid", "client_reference_id": "org_1",
+            "customer": "cus_1", "subscription": null, "customer_details": { "email": "a@b.example" }
+        });
+        let facts = interpret(&event("checkout.session.completed", session), &plans())
+            .expect("interpreted");
+        assert_eq!(facts.organization_id.as_deref(), Some("org_1"));
+        assert_eq!(facts.change, Some(BillingChange::LifetimePurchase));
+        let unpaid = json!({ "mode": "payment", "payment_status": "unpaid", "client_reference_id": "org_1" });
+        assert!(matches!(
+            interpret(&event("checkout.session.completed", unpaid), &plans()),
+            Err(Ignored::NotApplicable(_))
+        ));
+    }
+
+    #[test]
+    fn the_organization_comes_from_metadata_when_present() {
+        let mut sub = subscription_with_price(json!({ "id": "price_premium" }));
+        sub["metadata"] = json!({ "organization_id": "org_meta" });
+        let facts =
+            interpret(&event("customer.subscription.updated", sub), &plans()).expect("interpreted");
+        assert_eq!(facts.organization_id.as_deref(), Some("org_meta"));
+        assert_eq!(facts.customer_id.as_deref(), Some("cus_1"));
+        let invoice = json!({
+            "customer": "cus_1", "amount_paid": 100,
+            "parent": { "subscription_details": { "subscription": "sub_1", "metadata": { "organization_id": "org_inv" } } }
+        });
+        let facts = interpret(&event("invoice.paid", invoice), &plans()).expect("interpreted");
+        assert_eq!(facts.organization_id.as_deref(), Some("org_inv"));
+    }
+
+    #[test]
+    fn an_invoice_without_a_subscription_is_not_applicable() {
+        let invoice = json!({ "customer": "cus_1", "amount_paid": 100, "parent": null, "subscription": null });
+        assert!(matches!(
+            interpret(&event("invoice.paid", invoice), &plans()),
+            Err(Ignored::NotApplicable(_))
+        ));
+    }
+}
