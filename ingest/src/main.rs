@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use shared::config::{IngestConfig, Source};
-use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -37,20 +36,13 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
     tracing::info!(addr = %config.listen_addr, metrics = %config.metrics_addr, "ingest listening");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shared::shutdown::signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
+    let stop = shared::shutdown::Stop::on_signal();
     let metrics_server = tokio::spawn(shared::metrics::serve(
         metrics_listener,
         metrics,
-        stopped(stop_rx.clone()),
+        stop.clone().wait(),
     ));
-    ingest::run(api, state, stopped(stop_rx))
+    ingest::run(api, state, stop.wait())
         .await
         .context("serving the API")?;
     metrics_server

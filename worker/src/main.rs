@@ -3,7 +3,6 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shared::config::{DatabaseConfig, Source, WorkerConfig};
-use tokio::sync::watch;
 use worker::apply::Deps;
 use worker::consume::ConsumerSettings;
 use worker::stripe_api::StripeApi;
@@ -89,25 +88,18 @@ async fn run() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shared::shutdown::signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
+    let stop = shared::shutdown::Stop::on_signal();
     let metrics_server = tokio::spawn(shared::metrics::serve(
         metrics_listener,
         metrics,
-        stopped(stop_rx.clone()),
+        stop.clone().wait(),
     ));
     let settings = ConsumerSettings {
         concurrency: config.concurrency,
         poll_interval: config.poll_interval,
         max_attempts: config.max_attempts,
     };
-    worker::consume::run(deps, &settings, stopped(stop_rx))
+    worker::consume::run(deps, &settings, stop.wait())
         .await
         .context("event consumer stopped")?;
     metrics_server.abort();
