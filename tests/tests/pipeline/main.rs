@@ -20,7 +20,8 @@ fn signed_body(tag: &str) -> Vec<u8> {
         now(),
         customer.invoice(2000, "subscription_cycle"),
     );
-    serde_json::to_vec(&ev).expect("serialize")
+    // Pretty-printed, as Stripe sends it: storing a re-serialization would change the bytes.
+    serde_json::to_vec_pretty(&ev).expect("serialize")
 }
 
 /// Case name, body, signature header, expected status and error code.
@@ -112,9 +113,12 @@ async fn signatures_are_checked_against_every_secret_and_rejected_requests_store
     );
 
     // Accepted: the second of two secrets, and one valid v1 among several.
-    let body = signed_body("second_secret");
+    let accepted = signed_body("second_secret");
     let (status, answer) = c
-        .post_webhook_raw(body.clone(), Some(header_for(&body, WEBHOOK_SECRET, now())))
+        .post_webhook_raw(
+            accepted.clone(),
+            Some(header_for(&accepted, WEBHOOK_SECRET, now())),
+        )
         .await;
     assert_eq!((status, answer), (200, json!({ "received": true })));
     let body = signed_body("several_v1");
@@ -131,16 +135,7 @@ async fn signatures_are_checked_against_every_secret_and_rejected_requests_store
             .fetch_one(&p.db.pool)
             .await
             .expect("stored row");
-    assert_eq!(stored, signed_body_bytes_of(&p, "evt_second_secret").await);
-}
-
-/// The stored bytes, re-read through a second query path to compare with what was posted.
-async fn signed_body_bytes_of(p: &Pipeline, id: &str) -> Vec<u8> {
-    shared::db::webhook_events::get(&p.db.pool, id)
-        .await
-        .expect("query")
-        .expect("row")
-        .payload
+    assert_eq!(stored, accepted);
 }
 
 #[tokio::test]
