@@ -419,19 +419,22 @@ impl Pipeline {
             .expect("count rows")
     }
 
+    /// The audit decisions of one event, oldest first.
+    pub async fn decisions(&self, event_id: &str) -> Vec<String> {
+        sqlx::query_scalar("SELECT decision FROM billing_audit WHERE event_id = $1 ORDER BY id")
+            .bind(event_id)
+            .fetch_all(&self.db.pool)
+            .await
+            .expect("audit query")
+    }
+
     /// Waits until the event has a decision in the audit table; returns the decisions.
     pub async fn wait_for_decision(&self, event_id: &str) -> Vec<String> {
         eventually(
             Duration::from_secs(20),
             &format!("a decision on {event_id}"),
             || async {
-                let decisions: Vec<String> = sqlx::query_scalar(
-                    "SELECT decision FROM billing_audit WHERE event_id = $1 ORDER BY id",
-                )
-                .bind(event_id)
-                .fetch_all(&self.db.pool)
-                .await
-                .expect("audit query");
+                let decisions = self.decisions(event_id).await;
                 (!decisions.is_empty()).then_some(decisions)
             },
         )

@@ -33,15 +33,6 @@ async fn wait_until_all_processed(p: &Pipeline, total: i64) {
     .await;
 }
 
-/// The decisions of one event, oldest first.
-async fn decisions(p: &Pipeline, event_id: &str) -> Vec<String> {
-    sqlx::query_scalar("SELECT decision FROM billing_audit WHERE event_id = $1 ORDER BY id")
-        .bind(event_id)
-        .fetch_all(&p.db.pool)
-        .await
-        .expect("audit")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_state() {
     let seed: u64 = std::env::var("DELIVERY_SEED")
@@ -169,7 +160,7 @@ async fn a_same_second_tie_is_settled_by_refetching_the_subscription() {
     stripe.set_subscription(customer.subscription("active", false, now() + 86_400));
 
     let failed_id = post_same_second_tie(&p, &customer).await;
-    assert_eq!(decisions(&p, &failed_id).await, ["refetched"]);
+    assert_eq!(p.decisions(&failed_id).await, ["refetched"]);
     assert_eq!(stripe.requests(), 1);
     let (_, body) = p.client.billing(&customer.organization_id).await;
     assert_eq!(body["plan_status"], "active", "{body}");
@@ -181,7 +172,7 @@ async fn without_the_api_a_same_second_tie_follows_the_lifecycle_rule() {
     p.start_worker();
     let customer = Customer::new(&unique_tag());
     let failed_id = post_same_second_tie(&p, &customer).await;
-    assert_eq!(decisions(&p, &failed_id).await, ["tie"]);
+    assert_eq!(p.decisions(&failed_id).await, ["tie"]);
     let (_, body) = p.client.billing(&customer.organization_id).await;
     assert_eq!(
         body["plan_status"], "past_due",
@@ -222,7 +213,7 @@ async fn a_subscription_event_before_its_checkout_is_deferred_then_applied() {
         )
         .await;
     assert_eq!(body["plan"], "premium");
-    assert_eq!(decisions(&p, created_id).await, ["deferred", "applied"]);
+    assert_eq!(p.decisions(created_id).await, ["deferred", "applied"]);
 }
 
 #[tokio::test]
