@@ -13,7 +13,8 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     shared::telemetry::init(config.log_format);
-    let metrics = shared::metrics::install().context("installing the metrics recorder")?;
+    let stop = shared::shutdown::Stop::on_signal();
+    let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
     let pool = shared::db::connect(&config.database)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
@@ -31,17 +32,8 @@ async fn main() -> anyhow::Result<()> {
     let api = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding INGEST_ADDR {}", config.listen_addr))?;
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
-        .await
-        .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
     tracing::info!(addr = %config.listen_addr, metrics = %config.metrics_addr, "ingest listening");
 
-    let stop = shared::shutdown::Stop::on_signal();
-    let metrics_server = tokio::spawn(shared::metrics::serve(
-        metrics_listener,
-        metrics,
-        stop.clone().wait(),
-    ));
     ingest::run(api, state, stop.wait())
         .await
         .context("serving the API")?;

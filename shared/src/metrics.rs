@@ -47,6 +47,35 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     Ok(handle)
 }
 
+/// The metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The recorder could not be installed.
+    #[error("installing the metrics recorder: {0}")]
+    Install(#[from] BuildError),
+    /// `METRICS_ADDR` could not be bound.
+    #[error("binding METRICS_ADDR {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Installs the recorder ([`install`]), binds `addr` and serves `GET /metrics` in the background
+/// until `shutdown` resolves. Both binaries start their metrics this way.
+pub async fn start(
+    addr: std::net::SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, StartError> {
+    let handle = install()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok(tokio::spawn(serve(listener, handle, shutdown)))
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,

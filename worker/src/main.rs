@@ -64,7 +64,8 @@ async fn run() -> anyhow::Result<()> {
     shared::telemetry::init(config.log_format);
     // One TLS crypto provider for every TLS user in the process (reqwest, sqlx).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let metrics = shared::metrics::install().context("installing the metrics recorder")?;
+    let stop = shared::shutdown::Stop::on_signal();
+    let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
     let pool = shared::db::connect(&config.database)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
@@ -84,16 +85,6 @@ async fn run() -> anyhow::Result<()> {
         stripe,
         queue: shared::queue::EventQueue::new(redis, &config.queue.prefix),
     };
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
-        .await
-        .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
-
-    let stop = shared::shutdown::Stop::on_signal();
-    let metrics_server = tokio::spawn(shared::metrics::serve(
-        metrics_listener,
-        metrics,
-        stop.clone().wait(),
-    ));
     let settings = ConsumerSettings {
         concurrency: config.concurrency,
         poll_interval: config.poll_interval,
