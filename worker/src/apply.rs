@@ -225,11 +225,13 @@ async fn decide(
         None => None,
     };
     let mut verdict = Verdict {
+        decision: Decision::Applied,
         organization_id: Some(org.id.clone()),
         status_before: Some(org.plan_status),
         status_after: Some(org.plan_status),
+        detail: None,
+        waiting_for_customer: None,
         linked_customer,
-        ..Verdict::bare(Decision::Applied, "")
     };
     let Some(change) = facts.change else {
         verdict.detail = Some(match &verdict.linked_customer {
