@@ -6,6 +6,7 @@ pub mod config;
 pub mod db;
 pub mod metrics;
 pub mod queue;
+pub mod retry;
 pub mod shutdown;
 pub mod signature;
 pub mod stripe;
