@@ -108,6 +108,17 @@ pub enum Access {
     Blocked,
 }
 
+impl Access {
+    /// The name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Full => "full",
+            Access::ReadOnly => "read_only",
+            Access::Blocked => "blocked",
+        }
+    }
+}
+
 /// The one place access is derived from plan status (DESIGN.md, "Billing state rules").
 pub fn access(status: PlanStatus) -> Access {
     match status {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::retry::Backoff;
 use crate::stripe::PlanMapping;
 
 /// A variable that is missing or cannot be used.
@@ -90,6 +91,22 @@ impl Source {
             }),
             n => Ok(n),
         }
+    }
+
+    fn millis(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        self.positive(name, default).map(Duration::from_millis)
+    }
+
+    fn backoff(&self) -> Result<Backoff, ConfigError> {
+        let base = self.millis("RETRY_BASE_MS", 1000)?;
+        let max = self.millis("RETRY_MAX_MS", 600_000)?;
+        if max < base {
+            return Err(ConfigError::Invalid {
+                name: "RETRY_MAX_MS",
+                reason: "must not be less than RETRY_BASE_MS".into(),
+            });
+        }
+        Ok(Backoff { base, max })
     }
 
     fn database_url(&self) -> Result<SecretString, ConfigError> {
@@ -262,6 +279,17 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// `MAX_ATTEMPTS`: failed attempts before an event becomes a dead letter, default 8.
     pub max_attempts: i32,
+    /// `RETRY_BASE_MS` (default 1000) and `RETRY_MAX_MS` (default 600000): the backoff
+    /// between failed attempts, and between retries of a deferred event.
+    pub retry: Backoff,
+    /// `DEFERRAL_WINDOW_SECS`: how long an event may wait for its organization before it
+    /// becomes a dead letter, default 259200 (3 days, Stripe's own retry horizon).
+    pub deferral_window: Duration,
+    /// `SWEEP_INTERVAL_MS`: how often the sweeper looks for due rows, default 5000.
+    pub sweep_interval: Duration,
+    /// `SWEEP_GRACE_MS`: how long a pending row's job may be missing before the sweeper
+    /// enqueues it again, default 120000.
+    pub sweep_grace: Duration,
     /// `LOG_FORMAT`, `text` (default) or `json`.
     pub log_format: LogFormat,
 }
@@ -284,8 +312,14 @@ impl WorkerConfig {
                 .unwrap_or_else(|| "https://api.stripe.com".to_owned()),
             metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
             concurrency,
-            poll_interval: Duration::from_millis(source.positive("QUEUE_POLL_INTERVAL_MS", 250)?),
+            poll_interval: source.millis("QUEUE_POLL_INTERVAL_MS", 250)?,
             max_attempts: source.positive("MAX_ATTEMPTS", 8)?.min(i32::MAX as u64) as i32,
+            retry: source.backoff()?,
+            deferral_window: Duration::from_secs(
+                source.positive("DEFERRAL_WINDOW_SECS", 3 * 24 * 3600)?,
+            ),
+            sweep_interval: source.millis("SWEEP_INTERVAL_MS", 5000)?,
+            sweep_grace: source.millis("SWEEP_GRACE_MS", 120_000)?,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
         })
     }
@@ -361,6 +395,30 @@ mod tests {
                 .to_string()
                 .contains("greater than 0")
         );
+        let worker = |extra: &[(&'static str, &'static str)]| {
+            let mut pairs = vec![
+                ("STRIPE_BASIC_PRICE_KEY", "basic"),
+                ("STRIPE_PREMIUM_PRICE_KEY", "premium"),
+                ("STRIPE_ENTERPRISE_PRODUCT_KEY", "enterprise"),
+            ];
+            pairs.extend_from_slice(extra);
+            WorkerConfig::load(&with(&pairs))
+        };
+        let backoff = worker(&[("RETRY_BASE_MS", "5000"), ("RETRY_MAX_MS", "1000")]);
+        assert_eq!(
+            backoff.expect_err("must fail").to_string(),
+            "RETRY_MAX_MS is invalid: must not be less than RETRY_BASE_MS"
+        );
+        let grace = worker(&[("SWEEP_GRACE_MS", "soon")]);
+        assert!(
+            grace
+                .expect_err("must fail")
+                .to_string()
+                .starts_with("SWEEP_GRACE_MS is invalid")
+        );
+        let defaults = worker(&[]).expect("valid worker config");
+        assert_eq!(defaults.retry, Backoff::default());
+        assert_eq!(defaults.deferral_window, Duration::from_secs(259_200));
         let commas = IngestConfig::load(&with(&[("STRIPE_WEBHOOK_SECRET", ",")]));
         assert_eq!(
             commas.expect_err("must fail").to_string(),

@@ -16,6 +16,14 @@ pub const WEBHOOK_DURATION: &str = "billing_webhook_duration_seconds";
 pub const EVENTS_DECIDED: &str = "billing_events_decided_total";
 /// Failed apply attempts, by `kind` (`transient`, `permanent`).
 pub const EVENT_FAILURES: &str = "billing_event_failures_total";
+/// Events that became dead letters.
+pub const DEAD_LETTERS: &str = "billing_dead_letters_total";
+/// Inbox rows by `status` (`pending`, `deferred`, `dead`), refreshed by the sweeper.
+pub const INBOX_EVENTS: &str = "billing_inbox_events";
+/// Jobs waiting in Redis, by `queue`, refreshed by the sweeper.
+pub const QUEUE_DEPTH: &str = "billing_queue_depth";
+/// Jobs the sweeper enqueued again (lost, or due after a failure or deferral).
+pub const SWEPT: &str = "billing_swept_total";
 /// Time to apply one event.
 pub const APPLY_DURATION: &str = "billing_event_apply_duration_seconds";
 /// From ingest's commit to the worker's commit of the decision.

@@ -84,14 +84,53 @@ pub fn events_storage_config(prefix: &str) -> apalis_redis::Config {
 #[derive(Debug, Clone)]
 pub struct EventQueue {
     storage: RedisStorage<ApplyEventV1>,
+    config: apalis_redis::Config,
+    name: String,
+    conn: ConnectionManager,
 }
 
 impl EventQueue {
     /// The event queue of `prefix` on `conn`.
     pub fn new(conn: ConnectionManager, prefix: &str) -> EventQueue {
+        let config = events_storage_config(prefix);
         EventQueue {
-            storage: RedisStorage::new(conn).with_config(events_storage_config(prefix)),
+            storage: RedisStorage::new(conn.clone()).with_config(config.clone()),
+            config,
+            name: events_queue_name(prefix),
+            conn,
         }
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Jobs waiting to run: the `active` list plus the `scheduled` set, where apalis-redis
+    /// puts new and retried jobs.
+    pub async fn depth(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let (active, scheduled): (u64, u64) = redis::pipe()
+            .cmd("LLEN")
+            .arg(self.config.active_jobs_list())
+            .cmd("ZCARD")
+            .arg(self.config.scheduled_jobs_set())
+            .query_async(&mut conn)
+            .await?;
+        Ok(active + scheduled)
+    }
+
+    /// Deletes the data of jobs that finished more than `age` ago (apalis keeps them
+    /// forever). apalis-redis 1.0 also deletes jobs waiting for a retry when asked for a
+    /// shorter age, so `age` is at least a day.
+    pub async fn vacuum_finished(&self, age: Duration) -> Result<usize, QueueError> {
+        let mut storage = self.storage.clone();
+        apalis_core::backend::Vacuum::vacuum_before(
+            &mut storage,
+            age.max(Duration::from_secs(86_400)),
+        )
+        .await
+        .map_err(|e| QueueError::Push(e.to_string()))
     }
 
     /// The apalis storage, for the consuming worker.

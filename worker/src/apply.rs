@@ -8,12 +8,15 @@
 //! organization row, so two workers never deadlock; two events of one organization (or one
 //! customer) are applied one after the other.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use shared::billing::{self, BillingChange, BillingState, Outcome, PlanStatus, Precedence};
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::db::organizations::Organization;
 use shared::db::{organizations, processed_events, webhook_events};
 use shared::queue::EventQueue;
+use shared::retry::Backoff;
 use shared::stripe::{self, CheckoutLink, Event, PlanMapping};
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -30,6 +33,28 @@ pub struct Deps {
     pub stripe: Option<StripeApi>,
     /// To enqueue deferred events released by a new link.
     pub queue: EventQueue,
+    /// Retry and deferral limits.
+    pub policy: Policy,
+}
+
+/// When to try again and when to give up.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Failed attempts before an event becomes a dead letter.
+    pub max_attempts: i32,
+    /// Spacing of retries, after failures and deferrals alike.
+    pub retry: Backoff,
+    /// How long an event may wait for its organization before it becomes a dead letter.
+    pub deferral_window: Duration,
+}
+
+/// How [`apply_event`] runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Run the rules even if the event was already processed (an operator's `--force`).
+    pub force: bool,
+    /// Decide, report, and roll everything back (an operator's `--dry-run`).
+    pub dry_run: bool,
 }
 
 /// Why an event could not be applied now.
@@ -76,12 +101,27 @@ pub struct Report {
     pub decision: Decision,
     /// The organization concerned, when resolved.
     pub organization_id: Option<String>,
+    /// Plan status before the decision.
+    pub status_before: Option<PlanStatus>,
     /// Plan status after the decision.
     pub status_after: Option<PlanStatus>,
     /// Why, in words.
     pub detail: Option<String>,
     /// When ingest stored the event.
     pub received_at: DateTime<Utc>,
+}
+
+impl Report {
+    fn from_verdict(verdict: Verdict, stored: &webhook_events::StoredEvent) -> Report {
+        Report {
+            decision: verdict.decision,
+            organization_id: verdict.organization_id,
+            status_before: verdict.status_before,
+            status_after: verdict.status_after,
+            detail: verdict.detail,
+            received_at: stored.received_at,
+        }
+    }
 }
 
 /// One decision, before it is written.
@@ -113,29 +153,55 @@ impl Verdict {
 
 /// Applies one stored event. Idempotent: any number of runs, in any order, concurrently,
 /// leave the same state as one.
-pub async fn apply_event(deps: &Deps, event_id: &str) -> Result<Report, ApplyError> {
+pub async fn apply_event(
+    deps: &Deps,
+    event_id: &str,
+    options: ApplyOptions,
+) -> Result<Report, ApplyError> {
     let stored = webhook_events::get(&deps.pool, event_id)
         .await?
         .ok_or_else(|| ApplyError::UnknownEvent(event_id.to_owned()))?;
     let mut tx = deps.pool.begin().await?;
-    let verdict = if processed_events::insert(&mut *tx, event_id).await? {
+    let claimed = processed_events::insert(&mut *tx, event_id).await?;
+    let mut verdict = if claimed || options.force {
         decide(&mut tx, deps, &stored).await?
     } else {
         Verdict::bare(Decision::Duplicate, "already processed")
     };
+    // A dead letter being replayed starts a fresh deferral window.
+    let deferred_since = stored.deferred_since.filter(|_| stored.status != "dead");
+    if verdict.decision == Decision::Deferred
+        && let Some(since) = deferred_since
+        && Utc::now() - since >= delta(deps.policy.deferral_window)
+    {
+        verdict.decision = Decision::Dead;
+        verdict.detail = Some(format!(
+            "{}; gave up after waiting since {since} ({} deferrals)",
+            verdict
+                .detail
+                .as_deref()
+                .unwrap_or("organization not resolved"),
+            stored.deferrals
+        ));
+    }
     let detail = verdict.detail.as_deref();
     match verdict.decision {
         Decision::Duplicate => {}
         Decision::Deferred => {
             processed_events::delete(&mut *tx, event_id).await?;
-            let reason = detail.unwrap_or("organization not resolved yet");
+            let retry_at = after(deps.policy.retry.delay(stored.deferrals as u32 + 1));
             webhook_events::mark_deferred(
                 &mut *tx,
                 event_id,
                 verdict.waiting_for_customer.as_deref(),
-                reason,
+                detail.unwrap_or("organization not resolved yet"),
+                retry_at,
             )
             .await?;
+        }
+        Decision::Dead => {
+            processed_events::delete(&mut *tx, event_id).await?;
+            webhook_events::mark_dead(&mut *tx, event_id, detail.unwrap_or("gave up")).await?;
         }
         _ => webhook_events::mark_processed(&mut *tx, event_id).await?,
     }
@@ -156,6 +222,10 @@ pub async fn apply_event(deps: &Deps, event_id: &str) -> Result<Report, ApplyErr
         },
     )
     .await?;
+    if options.dry_run {
+        tx.rollback().await?;
+        return Ok(Report::from_verdict(verdict, &stored));
+    }
     tx.commit().await?;
 
     if !released.is_empty() {
@@ -168,13 +238,66 @@ pub async fn apply_event(deps: &Deps, event_id: &str) -> Result<Report, ApplyErr
             tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
         }
     }
-    Ok(Report {
-        decision: verdict.decision,
-        organization_id: verdict.organization_id,
-        status_after: verdict.status_after,
-        detail: verdict.detail,
-        received_at: stored.received_at,
-    })
+    Ok(Report::from_verdict(verdict, &stored))
+}
+
+/// What happened after a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// The event stays pending and is due again then.
+    RetryAt(DateTime<Utc>),
+    /// The event is a dead letter now.
+    Dead,
+}
+
+/// Records a failed attempt in one transaction: the attempt count and error, then either the
+/// next attempt time (transient, under the limit) or a dead letter with an audit row.
+pub async fn record_failure(
+    deps: &Deps,
+    event_id: &str,
+    error: &ApplyError,
+) -> Result<FailureOutcome, sqlx::Error> {
+    let message = error.to_string();
+    let mut tx = deps.pool.begin().await?;
+    let Some(attempts) = webhook_events::record_failure(&mut *tx, event_id, &message).await? else {
+        // Not in the inbox: nothing to retry and nothing to keep.
+        return Ok(FailureOutcome::Dead);
+    };
+    let outcome = if error.is_transient() && attempts < deps.policy.max_attempts {
+        let at = after(deps.policy.retry.delay(attempts as u32));
+        webhook_events::schedule_retry(&mut *tx, event_id, at).await?;
+        FailureOutcome::RetryAt(at)
+    } else {
+        let reason = format!("{message} (after {attempts} attempts)");
+        if let Some(event_type) = webhook_events::mark_dead(&mut *tx, event_id, &reason).await? {
+            billing_audit::insert(
+                &mut *tx,
+                &NewAuditEntry {
+                    event_id,
+                    event_type: &event_type,
+                    organization_id: None,
+                    decision: Decision::Dead,
+                    status_before: None,
+                    status_after: None,
+                    detail: Some(&reason),
+                },
+            )
+            .await?;
+        }
+        FailureOutcome::Dead
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// `now + delay`.
+fn after(delay: Duration) -> DateTime<Utc> {
+    Utc::now() + delta(delay)
+}
+
+/// A std duration as a chrono one, saturating (configured durations are far below the limit).
+fn delta(duration: Duration) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(duration).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 /// Everything between the claim and the writes of the inbox status and audit row.

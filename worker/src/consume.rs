@@ -1,21 +1,21 @@
 //! The consuming side of the event queue, and the only worker module that touches apalis.
 //!
-//! Retry policy (ours, not apalis'): a transient failure (database, network) counts an attempt
-//! in the inbox row and returns an error, so apalis-redis schedules the job again (its
-//! linear delay: attempt n waits n seconds); at `max_attempts`, or at once for a permanent
-//! failure, the inbox row becomes `dead` with its reason and the job is aborted. The dead letter
-//! lives in Postgres, where operators list and replay it.
+//! Retry policy (ours, not apalis'; see `shared::retry`): a failed attempt is recorded in the
+//! inbox row with its next attempt time, and the job finishes; the sweeper enqueues the row
+//! again when it is due. At `MAX_ATTEMPTS`, or at once for a permanent failure, the row becomes
+//! a dead letter. Only when Postgres cannot record the failure does the job return an error,
+//! leaving apalis-redis to run it again (its linear delay); the row stays pending, so the
+//! sweeper would find it even if Redis dropped the job.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
-use shared::db::webhook_events;
-use shared::metrics::{APPLY_DURATION, EVENT_FAILURES, EVENT_LAG, EVENTS_DECIDED};
+use shared::metrics::{APPLY_DURATION, DEAD_LETTERS, EVENT_FAILURES, EVENT_LAG, EVENTS_DECIDED};
 use shared::queue::ApplyEventV1;
 use tracing::Instrument;
 
-use crate::apply::{Deps, apply_event};
+use crate::apply::{ApplyError, ApplyOptions, Deps, FailureOutcome, apply_event, record_failure};
 
 /// How the consumer runs.
 #[derive(Debug, Clone)]
@@ -24,13 +24,6 @@ pub struct ConsumerSettings {
     pub concurrency: usize,
     /// How often an idle worker looks for jobs.
     pub poll_interval: Duration,
-    /// Attempts before an event with transient failures becomes a dead letter.
-    pub max_attempts: i32,
-}
-
-struct JobContext {
-    deps: Deps,
-    max_attempts: i32,
 }
 
 /// Consumes the event queue until `shutdown` resolves; in-flight jobs finish first.
@@ -51,10 +44,7 @@ pub async fn run(
         .queue
         .storage()
         .poll_with_interval(settings.poll_interval);
-    let context = Arc::new(JobContext {
-        deps,
-        max_attempts: settings.max_attempts,
-    });
+    let context = Arc::new(deps);
     let worker = WorkerBuilder::new(name)
         .backend(storage)
         .data(context)
@@ -70,10 +60,10 @@ pub async fn run(
     Ok(())
 }
 
-async fn handle(job: ApplyEventV1, context: Data<Arc<JobContext>>) -> Result<(), BoxDynError> {
+async fn handle(job: ApplyEventV1, deps: Data<Arc<Deps>>) -> Result<(), BoxDynError> {
     let span = tracing::info_span!("apply_event", event.id = %job.event_id);
     let started = Instant::now();
-    let result = apply_event(&context.deps, &job.event_id)
+    let result = apply_event(&deps, &job.event_id, ApplyOptions::default())
         .instrument(span)
         .await;
     metrics::histogram!(APPLY_DURATION).record(started.elapsed().as_secs_f64());
@@ -91,35 +81,31 @@ async fn handle(job: ApplyEventV1, context: Data<Arc<JobContext>>) -> Result<(),
             );
             Ok(())
         }
-        Err(e) => fail(&context, &job.event_id, e).await,
+        Err(e) => fail(&deps, &job.event_id, e).await,
     }
 }
 
-/// Records a failure in Postgres and tells apalis whether to retry.
-async fn fail(
-    context: &JobContext,
-    event_id: &str,
-    error: crate::apply::ApplyError,
-) -> Result<(), BoxDynError> {
-    let pool = &context.deps.pool;
-    let message = error.to_string();
-    if error.is_transient() {
-        metrics::counter!(EVENT_FAILURES, "kind" => "transient").increment(1);
-        // If Postgres itself is down this fails too; the job is retried all the same.
-        let attempts = webhook_events::record_failure(pool, event_id, &message)
-            .await
-            .unwrap_or(0);
-        if attempts < context.max_attempts {
-            tracing::warn!(event.id = %event_id, attempts, error = %message, "apply failed; will retry");
-            return Err(error.into());
-        }
+/// Records a failure in Postgres; the sweeper takes it from there.
+async fn fail(deps: &Deps, event_id: &str, error: ApplyError) -> Result<(), BoxDynError> {
+    let kind = if error.is_transient() {
+        "transient"
     } else {
-        metrics::counter!(EVENT_FAILURES, "kind" => "permanent").increment(1);
+        "permanent"
+    };
+    metrics::counter!(EVENT_FAILURES, "kind" => kind).increment(1);
+    match record_failure(deps, event_id, &error).await {
+        Ok(FailureOutcome::RetryAt(at)) => {
+            tracing::warn!(event.id = %event_id, error = %error, retry_at = %at, "apply failed; will retry");
+            Ok(())
+        }
+        Ok(FailureOutcome::Dead) => {
+            metrics::counter!(DEAD_LETTERS).increment(1);
+            tracing::error!(event.id = %event_id, error = %error, "event is a dead letter");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(event.id = %event_id, error = %error, record_error = %e, "apply failed and the failure could not be recorded; apalis will retry");
+            Err(error.into())
+        }
     }
-    tracing::error!(event.id = %event_id, error = %message, "event is a dead letter");
-    if let Err(e) = webhook_events::mark_dead(pool, event_id, &message).await {
-        tracing::error!(event.id = %event_id, error = %e, "could not record the dead letter; retrying");
-        return Err(error.into());
-    }
-    Err(AbortError::new(error).into())
 }

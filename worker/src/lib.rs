@@ -3,4 +3,6 @@
 
 pub mod apply;
 pub mod consume;
+pub mod ops;
 pub mod stripe_api;
+pub mod sweeper;

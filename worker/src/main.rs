@@ -1,11 +1,19 @@
-//! `worker`: `run` (the default) consumes the queue; `migrate` applies migrations.
+//! `worker`: `run` (the default) consumes the queue and sweeps the inbox; `migrate` applies
+//! migrations; `dead-letters` and `events` are the operators' commands (see README,
+//! "Operations runbook"). Exit status: 0 done, 1 failed (the message says why), 2 bad
+//! arguments.
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use shared::config::{DatabaseConfig, Source, WorkerConfig};
-use worker::apply::Deps;
+use shared::db::webhook_events::DeadLetterFilter;
+use sqlx::PgPool;
+use worker::apply::{ApplyOptions, Deps, Policy};
 use worker::consume::ConsumerSettings;
+use worker::ops::{self, Output};
 use worker::stripe_api::StripeApi;
+use worker::sweeper::SweeperSettings;
 
 /// Applies Stripe events to organizations' billing state.
 #[derive(Debug, Parser)]
@@ -17,10 +25,92 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Consume the event queue (the default). Configured by environment variables; see README.
+    /// Consume the event queue and sweep the inbox (the default). Configured by environment
+    /// variables; see README.
     Run,
     /// Apply pending database migrations, then exit. Needs only DATABASE_URL.
     Migrate,
+    /// Events the worker gave up on.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+    /// One stored event.
+    #[command(subcommand)]
+    Events(Events),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetters {
+    /// List dead letters, newest first. Needs only DATABASE_URL.
+    List {
+        /// Only events of this type (e.g. customer.subscription.updated).
+        #[arg(long = "type", value_name = "TYPE")]
+        event_type: Option<String>,
+        /// Only those that died since: RFC 3339 time, date, or age (30m, 6h, 7d).
+        #[arg(long, value_name = "TIME", value_parser = since)]
+        since: Option<DateTime<Utc>>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply dead letters again, now, in this process. Needs the worker's environment.
+    Replay {
+        /// The dead letter to replay.
+        #[arg(
+            long,
+            value_name = "EVENT_ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        id: Option<String>,
+        /// Every dead letter (narrowed by --type and --since), oldest Stripe event first.
+        #[arg(long)]
+        all: bool,
+        /// With --all: only events of this type.
+        #[arg(long = "type", value_name = "TYPE", requires = "all")]
+        event_type: Option<String>,
+        /// With --all: only those that died since: RFC 3339 time, date, or age (30m, 6h, 7d).
+        #[arg(long, value_name = "TIME", value_parser = since, requires = "all")]
+        since: Option<DateTime<Utc>>,
+        /// Show what would change for each organization; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Events {
+    /// Apply one stored event again, now, in this process. Needs the worker's environment.
+    Replay {
+        /// The Stripe event id (evt_…).
+        event_id: String,
+        /// Run the rules even if the event was already applied.
+        #[arg(long)]
+        force: bool,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The inbox row, its decisions and its organization's state. Needs only DATABASE_URL.
+    Show {
+        /// The Stripe event id (evt_…).
+        event_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn since(value: &str) -> Result<DateTime<Utc>, String> {
+    ops::parse_since(value, Utc::now())
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +126,8 @@ fn main() -> std::process::ExitCode {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => run().await,
             Command::Migrate => migrate().await,
+            Command::DeadLetters(command) => dead_letters(command).await,
+            Command::Events(command) => events(command).await,
         }
     });
     match result {
@@ -47,11 +139,15 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn migrate() -> anyhow::Result<()> {
+async fn connect_database() -> anyhow::Result<PgPool> {
     let config = DatabaseConfig::load(&Source::env(), 2).context("configuration error")?;
-    let pool = shared::db::connect(&config)
+    shared::db::connect(&config)
         .await
-        .context("connecting to Postgres (DATABASE_URL)")?;
+        .context("connecting to Postgres (DATABASE_URL)")
+}
+
+async fn migrate() -> anyhow::Result<()> {
+    let pool = connect_database().await?;
     shared::db::migrate(&pool)
         .await
         .context("applying migrations")?;
@@ -59,13 +155,10 @@ async fn migrate() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run() -> anyhow::Result<()> {
-    let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
-    shared::telemetry::init(config.log_format);
+/// Everything applying needs, from the worker's environment.
+async fn deps(config: &WorkerConfig) -> anyhow::Result<Deps> {
     // One TLS crypto provider for every TLS user in the process (reqwest, sqlx).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let stop = shared::shutdown::Stop::on_signal();
-    let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
     let pool = shared::db::connect(&config.database)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
@@ -79,21 +172,138 @@ async fn run() -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let deps = Deps {
+    Ok(Deps {
         pool,
         plans: config.plans.clone(),
         stripe,
         queue: shared::queue::EventQueue::new(redis, &config.queue.prefix),
-    };
+        policy: Policy {
+            max_attempts: config.max_attempts,
+            retry: config.retry,
+            deferral_window: config.deferral_window,
+        },
+    })
+}
+
+async fn run() -> anyhow::Result<()> {
+    let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
+    shared::telemetry::init(config.log_format);
+    let stop = shared::shutdown::Stop::on_signal();
+    let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
+    let deps = deps(&config).await?;
+    let sweeper = tokio::spawn(worker::sweeper::run(
+        deps.pool.clone(),
+        deps.queue.clone(),
+        SweeperSettings {
+            interval: config.sweep_interval,
+            grace: config.sweep_grace,
+        },
+        stop.clone().wait(),
+    ));
     let settings = ConsumerSettings {
         concurrency: config.concurrency,
         poll_interval: config.poll_interval,
-        max_attempts: config.max_attempts,
     };
     worker::consume::run(deps, &settings, stop.wait())
         .await
         .context("event consumer stopped")?;
+    sweeper.await.context("sweeper task")?;
     metrics_server.abort();
     tracing::info!("worker stopped");
     Ok(())
+}
+
+async fn dead_letters(command: DeadLetters) -> anyhow::Result<()> {
+    match command {
+        DeadLetters::List {
+            event_type,
+            since,
+            limit,
+            json,
+        } => {
+            let pool = connect_database().await?;
+            let rows = ops::list_dead_letters(
+                &pool,
+                &DeadLetterFilter {
+                    event_type,
+                    since,
+                    limit,
+                },
+            )
+            .await?;
+            Output { json }.print(&rows, || ops::dead_letters_text(&rows, limit));
+            Ok(())
+        }
+        DeadLetters::Replay {
+            id,
+            all: _,
+            event_type,
+            since,
+            dry_run,
+            json,
+        } => {
+            let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
+            let deps = deps(&config).await?;
+            let ids = match id {
+                Some(id) => vec![id],
+                None => {
+                    let filter = DeadLetterFilter {
+                        event_type,
+                        since,
+                        limit: i64::MAX,
+                    };
+                    shared::db::webhook_events::list_dead_ids(&deps.pool, &filter).await?
+                }
+            };
+            let mut results = Vec::with_capacity(ids.len());
+            for id in &ids {
+                results.push(ops::replay_dead_letter(&deps, id, dry_run).await?);
+            }
+            Output { json }.print(&results, || ops::replay_text(&results));
+            let failed = results.iter().filter(|r| r.is_failure()).count();
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} events were not applied",
+                ids.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn events(command: Events) -> anyhow::Result<()> {
+    match command {
+        Events::Replay {
+            event_id,
+            force,
+            dry_run,
+            json,
+        } => {
+            let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
+            let deps = deps(&config).await?;
+            let options = ApplyOptions { force, dry_run };
+            let output = Output { json };
+            match ops::replay_event(&deps, &event_id, options).await? {
+                Some(result) => {
+                    output.print(&result, || ops::replay_text(std::slice::from_ref(&result)));
+                    anyhow::ensure!(
+                        !result.is_failure(),
+                        "{event_id} was not applied: {}",
+                        result.detail.as_deref().unwrap_or(&result.decision)
+                    );
+                }
+                None => {
+                    let details = ops::show_event(&deps.pool, &event_id).await?;
+                    output.print(&details, || ops::already_applied_text(&details));
+                }
+            }
+            Ok(())
+        }
+        Events::Show { event_id, json } => {
+            let pool = connect_database().await?;
+            let details = ops::show_event(&pool, &event_id).await?;
+            Output { json }.print(&details, || ops::event_text(&details));
+            Ok(())
+        }
+    }
 }

@@ -24,6 +24,9 @@ pub enum Decision {
     Ignored,
     /// The event had already been processed.
     Duplicate,
+    /// Given up: failed too often, failed permanently, or waited too long for its
+    /// organization. The inbox row is a dead letter an operator can replay.
+    Dead,
 }
 
 impl Decision {
@@ -37,6 +40,7 @@ impl Decision {
             Decision::Deferred => "deferred",
             Decision::Ignored => "ignored",
             Decision::Duplicate => "duplicate",
+            Decision::Dead => "dead",
         }
     }
 }

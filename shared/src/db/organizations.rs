@@ -8,7 +8,7 @@ use sqlx::PgExecutor;
 use crate::billing::{BillingState, PlanStatus};
 
 /// A stored organization.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct Organization {
     /// The product's organization id.
     pub id: String,

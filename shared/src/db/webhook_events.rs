@@ -1,9 +1,15 @@
 //! `webhook_events`: the inbox. Ingest inserts each verified event with its exact raw bytes;
 //! the worker records its fate in `status`:
 //! `pending` → `processed` (a decision was recorded), or `deferred` (waiting for the
-//! organization's link, released by [`release_deferred`]), or `dead`.
-//! `enqueued_at` is when a job was last pushed for the row; a pending row whose job is older
-//! than a grace period is what a sweeper re-enqueues.
+//! organization's link, released by [`release_deferred`]), or `dead` (given up; an operator
+//! can replay it).
+//!
+//! Postgres, not Redis, decides when an unfinished row runs again: `enqueued_at` is when a job
+//! was last pushed for it, `retry_at` when a failed or deferred row is due. [`claim_due`] is
+//! the sweeper's query: rows past `retry_at`, and rows without one whose job is older than a
+//! grace period (Redis never got it, or lost it).
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -79,6 +85,21 @@ pub struct StoredEvent {
     pub processed_at: Option<DateTime<Utc>>,
     /// When a job was last pushed for it.
     pub enqueued_at: DateTime<Utc>,
+    /// When a failed or deferred event is due again.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// How many times it was deferred.
+    pub deferrals: i32,
+    /// When it was first deferred.
+    pub deferred_since: Option<DateTime<Utc>>,
+}
+
+/// The columns of [`StoredEvent`], for every query that returns it.
+macro_rules! stored_event_columns {
+    () => {
+        "id, type, livemode, api_version, stripe_created, payload, received_at, status, attempts,
+         last_error, stripe_customer_id, processed_at, enqueued_at, retry_at, deferrals,
+         deferred_since"
+    };
 }
 
 /// One stored event.
@@ -86,11 +107,11 @@ pub async fn get<'e>(
     db: impl PgExecutor<'e>,
     id: &str,
 ) -> Result<Option<StoredEvent>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, type, livemode, api_version, stripe_created, payload, received_at, status,
-                attempts, last_error, stripe_customer_id, processed_at, enqueued_at
-         FROM webhook_events WHERE id = $1",
-    )
+    sqlx::query_as(concat!(
+        "SELECT ",
+        stored_event_columns!(),
+        " FROM webhook_events WHERE id = $1"
+    ))
     .bind(id)
     .fetch_optional(db)
     .await
@@ -99,7 +120,8 @@ pub async fn get<'e>(
 /// Records that a decision was committed for the event.
 pub async fn mark_processed<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE webhook_events SET status = 'processed', processed_at = now(), last_error = NULL
+        "UPDATE webhook_events
+         SET status = 'processed', processed_at = now(), last_error = NULL, retry_at = NULL
          WHERE id = $1",
     )
     .bind(id)
@@ -108,23 +130,28 @@ pub async fn mark_processed<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<(),
     Ok(())
 }
 
-/// Parks the event until the organization of `customer_id` is linked.
+/// Parks the event until the organization of `customer_id` is linked (or `retry_at`, when
+/// the sweeper tries it again) and returns how many times it has now been deferred.
 pub async fn mark_deferred<'e>(
     db: impl PgExecutor<'e>,
     id: &str,
     customer_id: Option<&str>,
     reason: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE webhook_events SET status = 'deferred', stripe_customer_id = $2, last_error = $3
-         WHERE id = $1",
+    retry_at: DateTime<Utc>,
+) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE webhook_events
+         SET status = 'deferred', stripe_customer_id = $2, last_error = $3, retry_at = $4,
+             deferrals = deferrals + 1, deferred_since = COALESCE(deferred_since, now())
+         WHERE id = $1
+         RETURNING deferrals",
     )
     .bind(id)
     .bind(customer_id)
     .bind(reason)
-    .execute(db)
-    .await?;
-    Ok(())
+    .bind(retry_at)
+    .fetch_one(db)
+    .await
 }
 
 /// Makes the deferred events of a customer pending again (its link was just written) and
@@ -134,7 +161,7 @@ pub async fn release_deferred<'e>(
     customer_id: &str,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "UPDATE webhook_events SET status = 'pending', enqueued_at = now()
+        "UPDATE webhook_events SET status = 'pending', enqueued_at = now(), retry_at = NULL
          WHERE status = 'deferred' AND stripe_customer_id = $1
          RETURNING id",
     )
@@ -143,36 +170,161 @@ pub async fn release_deferred<'e>(
     .await
 }
 
-/// Counts a failed attempt and keeps its error, leaving the event pending for a retry.
+/// Counts a failed attempt and keeps its error; returns the attempts so far. The row stays as
+/// it was until [`schedule_retry`] or [`mark_dead`] in the same transaction.
 pub async fn record_failure<'e>(
     db: impl PgExecutor<'e>,
     id: &str,
     error: &str,
-) -> Result<i32, sqlx::Error> {
+) -> Result<Option<i32>, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE webhook_events SET attempts = attempts + 1, last_error = $2
          WHERE id = $1 RETURNING attempts",
     )
     .bind(id)
     .bind(error)
-    .fetch_one(db)
+    .fetch_optional(db)
     .await
 }
 
+/// Leaves the event pending, due again at `retry_at`.
+pub async fn schedule_retry<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+    retry_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE webhook_events SET status = 'pending', retry_at = $2 WHERE id = $1")
+        .bind(id)
+        .bind(retry_at)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 /// Gives up on the event: a dead letter with its reason, kept for operators to replay.
+/// Returns the event type, or `None` if there is no such event.
 pub async fn mark_dead<'e>(
     db: impl PgExecutor<'e>,
     id: &str,
     error: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE webhook_events SET status = 'dead', attempts = attempts + 1, last_error = $2,
-                processed_at = now()
-         WHERE id = $1",
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE webhook_events
+         SET status = 'dead', last_error = $2, processed_at = now(), retry_at = NULL
+         WHERE id = $1
+         RETURNING type",
     )
     .bind(id)
     .bind(error)
+    .fetch_optional(db)
+    .await
+}
+
+/// The sweeper's claim: up to `limit` unfinished rows that are due — past their `retry_at`,
+/// or without one and enqueued longer than `grace` ago. They become pending with
+/// `enqueued_at = now()` before the caller pushes their jobs, and `SKIP LOCKED` leaves rows
+/// another replica is claiming to that replica, so replicas never enqueue a row twice in one
+/// round. If the push then fails, the rows are due again after `grace`.
+pub async fn claim_due<'e>(
+    db: impl PgExecutor<'e>,
+    grace: Duration,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE webhook_events SET status = 'pending', enqueued_at = now(), retry_at = NULL
+         WHERE id IN (
+             SELECT id FROM webhook_events
+             WHERE status IN ('pending', 'deferred')
+               AND (retry_at <= now()
+                    OR (retry_at IS NULL AND enqueued_at <= now() - make_interval(secs => $1)))
+             ORDER BY enqueued_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)
+         RETURNING id",
+    )
+    .bind(grace.as_secs_f64())
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Which dead letters an operator means.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only those that died at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// At most this many, newest first.
+    pub limit: i64,
+}
+
+/// Dead letters, newest first.
+pub async fn list_dead<'e>(
+    db: impl PgExecutor<'e>,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        stored_event_columns!(),
+        " FROM webhook_events
+         WHERE status = 'dead'
+           AND ($1::text IS NULL OR type = $1)
+           AND ($2::timestamptz IS NULL OR processed_at >= $2)
+         ORDER BY processed_at DESC, id
+         LIMIT $3"
+    ))
+    .bind(filter.event_type.as_deref())
+    .bind(filter.since)
+    .bind(filter.limit)
+    .fetch_all(db)
+    .await
+}
+
+/// The ids of dead letters matching `filter`, in Stripe's order (`created`), for a replay.
+pub async fn list_dead_ids<'e>(
+    db: impl PgExecutor<'e>,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM webhook_events
+         WHERE status = 'dead'
+           AND ($1::text IS NULL OR type = $1)
+           AND ($2::timestamptz IS NULL OR processed_at >= $2)
+         ORDER BY stripe_created, id
+         LIMIT $3",
+    )
+    .bind(filter.event_type.as_deref())
+    .bind(filter.since)
+    .bind(filter.limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Turns a dead letter back into a fresh pending event (attempts and deferrals start again)
+/// for an operator's replay; `false` if it is not dead.
+pub async fn revive<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
+        "UPDATE webhook_events
+         SET status = 'pending', attempts = 0, deferrals = 0, deferred_since = NULL,
+             retry_at = NULL, processed_at = NULL, enqueued_at = now()
+         WHERE id = $1 AND status = 'dead'",
+    )
+    .bind(id)
     .execute(db)
     .await?;
-    Ok(())
+    Ok(result.rows_affected() == 1)
+}
+
+/// How many events are pending, deferred and dead, for the gauges.
+pub async fn count_unfinished<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT status, count(*) FROM webhook_events
+         WHERE status IN ('pending', 'deferred', 'dead')
+         GROUP BY status",
+    )
+    .fetch_all(db)
+    .await
 }

@@ -1,0 +1,109 @@
+//! The sweeper: what makes "an event Stripe got a 200 for is applied eventually" true when
+//! Redis is not. Every `SWEEP_INTERVAL_MS` it enqueues again the inbox rows that are due:
+//! failed or deferred rows past their `retry_at`, and pending rows whose job is older than
+//! `SWEEP_GRACE_MS` (the push failed, Redis was flushed or restarted empty, a job was lost).
+//!
+//! Every replica runs one. They do not enqueue a row twice in one round: the claim is a single
+//! `UPDATE … FOR UPDATE SKIP LOCKED` that moves `enqueued_at` forward before the push, so a
+//! row another replica just claimed is no longer due. A job that is enqueued twice anyway (its
+//! first job was only slow) is harmless: applying is idempotent and records `duplicate`.
+//!
+//! Each round also refreshes the backlog gauges, and once an hour deletes the Redis data of
+//! jobs that finished more than a day ago (apalis-redis keeps it forever).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use shared::db::webhook_events;
+use shared::metrics::{INBOX_EVENTS, QUEUE_DEPTH, SWEPT};
+use shared::queue::EventQueue;
+use sqlx::PgPool;
+
+/// Rows claimed per statement.
+const BATCH: i64 = 500;
+/// How often finished jobs are deleted from Redis.
+const VACUUM_EVERY: Duration = Duration::from_secs(3600);
+/// How long finished jobs stay in Redis.
+const KEEP_FINISHED: Duration = Duration::from_secs(86_400);
+
+/// When the sweeper runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SweeperSettings {
+    /// Time between rounds.
+    pub interval: Duration,
+    /// How long a pending row's job may be missing before it is enqueued again.
+    pub grace: Duration,
+}
+
+/// Sweeps every `interval` until `shutdown` resolves. Failures are logged and the next round
+/// tries again: the sweeper is the recovery path and must outlive Redis and Postgres outages.
+pub async fn run(
+    pool: PgPool,
+    queue: EventQueue,
+    settings: SweeperSettings,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_vacuum: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        match sweep(&pool, &queue, settings.grace).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "sweeper enqueued due events"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "sweep failed; retrying next round"
+            ),
+        }
+        if let Err(e) = refresh_gauges(&pool, &queue).await {
+            tracing::debug!(error = format!("{e:#}"), "backlog gauges not refreshed");
+        }
+        if last_vacuum.is_none_or(|at| at.elapsed() >= VACUUM_EVERY) {
+            match queue.vacuum_finished(KEEP_FINISHED).await {
+                Ok(removed) => tracing::debug!(removed, "finished jobs vacuumed from Redis"),
+                Err(e) => tracing::warn!(error = %e, "vacuuming finished jobs failed"),
+            }
+            last_vacuum = Some(Instant::now());
+        }
+    }
+}
+
+/// One round: claims every due row, batch by batch, and pushes their jobs. Returns how many
+/// were enqueued. A push that fails leaves the claimed rows due again after `grace`.
+pub async fn sweep(pool: &PgPool, queue: &EventQueue, grace: Duration) -> anyhow::Result<usize> {
+    let mut total = 0;
+    loop {
+        let ids = webhook_events::claim_due(pool, grace, BATCH)
+            .await
+            .context("claiming due events")?;
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        queue
+            .push(&refs)
+            .await
+            .with_context(|| format!("enqueueing {} claimed events", ids.len()))?;
+        metrics::counter!(SWEPT).increment(ids.len() as u64);
+        total += ids.len();
+        if (ids.len() as i64) < BATCH {
+            return Ok(total);
+        }
+    }
+}
+
+async fn refresh_gauges(pool: &PgPool, queue: &EventQueue) -> anyhow::Result<()> {
+    let counts = webhook_events::count_unfinished(pool).await?;
+    for status in ["pending", "deferred", "dead"] {
+        let count = counts
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n);
+        metrics::gauge!(INBOX_EVENTS, "status" => status).set(count as f64);
+    }
+    let depth = queue.depth().await?;
+    metrics::gauge!(QUEUE_DEPTH, "queue" => queue.name().to_owned()).set(depth as f64);
+    Ok(())
+}
