@@ -127,6 +127,24 @@ impl TestQueue {
     }
 }
 
+impl TestQueue {
+    /// Deletes every Redis key of this prefix: the test's own `FLUSHALL` (a real one would
+    /// empty the queues of tests running beside it). Returns how many keys were deleted.
+    pub fn flush(&self) -> usize {
+        let Ok(mut conn) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) else {
+            return 0;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+        }
+        keys.len()
+    }
+}
+
 impl Default for TestQueue {
     fn default() -> Self {
         TestQueue::new()
@@ -135,16 +153,7 @@ impl Default for TestQueue {
 
 impl Drop for TestQueue {
     fn drop(&mut self) {
-        let Ok(mut conn) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) else {
-            return;
-        };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
-        }
+        self.flush();
     }
 }
 
@@ -357,10 +366,6 @@ pub fn pipeline_env(db: &TestDb, queue: &TestQueue) -> Vec<(String, String)> {
 
 /// The real pipeline: its own database and queue, `ingest` and `worker` running.
 pub struct Pipeline {
-    /// The database (the pool is for assertions).
-    pub db: TestDb,
-    /// The queue prefix.
-    pub queue: TestQueue,
     /// The ingest process.
     pub ingest: Process,
     /// The worker process, when running.
@@ -368,17 +373,33 @@ pub struct Pipeline {
     /// Client of the ingest API.
     pub client: IngestClient,
     env: Vec<(String, String)>,
+    // Dropped after the processes (fields drop in order), so no process sees its database
+    // vanish.
+    /// The database (the pool is for assertions).
+    pub db: TestDb,
+    /// The queue prefix.
+    pub queue: TestQueue,
 }
 
 impl Pipeline {
     /// Starts ingest (waits until it is ready), with `extra` variables; no worker yet.
     pub async fn start(extra: &[(&str, &str)]) -> Pipeline {
+        Pipeline::start_with(extra, |_| Vec::new()).await
+    }
+
+    /// [`Pipeline::start`], with variables for ingest alone made from the database and queue
+    /// (e.g. a `DATABASE_URL` through a [`TcpProxy`]).
+    pub async fn start_with(
+        extra: &[(&str, &str)],
+        ingest_only: impl FnOnce(&TestDb) -> Vec<(String, String)>,
+    ) -> Pipeline {
         let db = TestDb::new().await;
         let queue = TestQueue::new();
         let mut env = pipeline_env(&db, &queue);
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let port = free_port();
         let mut ingest_env = env.clone();
+        ingest_env.extend(ingest_only(&db));
         ingest_env.push(("INGEST_ADDR".into(), format!("127.0.0.1:{port}")));
         ingest_env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{}", free_port())));
         let mut ingest = Process::start(
@@ -441,6 +462,60 @@ impl Pipeline {
         .await
     }
 
+    /// Waits until the inbox holds `total` events and every one of them is processed.
+    pub async fn wait_until_all_processed(&self, total: i64) {
+        eventually(
+            Duration::from_secs(90),
+            &format!("all {total} events to be processed"),
+            || async {
+                let (stored, processed): (i64, i64) = sqlx::query_as(
+                    "SELECT count(*), count(*) FILTER (WHERE status = 'processed')
+                     FROM webhook_events",
+                )
+                .fetch_one(&self.db.pool)
+                .await
+                .expect("count");
+                (stored == total && processed == total).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// For each event with a final decision (anything but `deferred` and `duplicate`), how
+    /// many it has: exactly one each when nothing was applied twice.
+    pub async fn final_decisions(&self) -> Vec<(String, i64)> {
+        sqlx::query_as(
+            "SELECT event_id, count(*) FROM billing_audit
+             WHERE decision NOT IN ('deferred', 'duplicate') GROUP BY event_id ORDER BY event_id",
+        )
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("audit")
+    }
+
+    /// Runs a `worker` operator command to completion with the pipeline's environment:
+    /// (exit code, stdout, stderr).
+    pub async fn worker_command(&self, args: &[&str]) -> (i32, String, String) {
+        let env = self.env.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(binary("worker"))
+                .args(&args)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .output()
+                .expect("run worker")
+        })
+        .await
+        .expect("worker command");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     /// Starts a (new) worker process.
     pub fn start_worker(&mut self) {
         let mut env = self.env.clone();
@@ -488,6 +563,7 @@ impl Pipeline {
 pub struct FakeStripe {
     subscriptions: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>,
     requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeStripe {
@@ -503,6 +579,15 @@ impl FakeStripe {
                     |State(fake): State<FakeStripe>, Path(id): Path<String>| async move {
                         fake.requests
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if fake.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                            return (
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                axum::Json(serde_json::json!({ "error": {
+                                    "message": "An unknown error occurred",
+                                    "type": "api_error"
+                                }})),
+                            );
+                        }
                         let found = fake.subscriptions.lock().expect("lock").get(&id).cloned();
                         match found {
                             Some(sub) => (StatusCode::OK, axum::Json(sub)),
@@ -540,8 +625,85 @@ impl FakeStripe {
             .insert(id, subscription);
     }
 
+    /// Answers every request with Stripe's 500 `api_error` while `failing`.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Requests served so far.
     pub fn requests(&self) -> usize {
         self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A TCP forwarder on loopback that a test can cut, to take Postgres or Redis away from one
+/// process without stopping the server every other test uses. While cut it closes every
+/// connection it carries and every new one at once, as a stopped server would.
+pub struct TcpProxy {
+    /// The port to connect to instead of the target.
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forwards a new loopback port to `target` (e.g. `127.0.0.1:5432`).
+    pub async fn start(target: &str) -> TcpProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections =
+            std::sync::Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let target = target.to_owned();
+        let accept = tokio::spawn({
+            let up = up.clone();
+            let connections = connections.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    let target = target.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().expect("lock").push(task.abort_handle());
+                }
+            }
+        });
+        TcpProxy {
+            port,
+            up,
+            connections,
+            accept,
+        }
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for connection in self.connections.lock().expect("lock").drain(..) {
+            connection.abort();
+        }
+    }
+
+    /// Carries connections again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
     }
 }

@@ -69,10 +69,10 @@ enum DeadLetters {
         #[arg(long)]
         all: bool,
         /// With --all: only events of this type.
-        #[arg(long = "type", value_name = "TYPE", requires = "all")]
+        #[arg(long = "type", value_name = "TYPE", conflicts_with = "id")]
         event_type: Option<String>,
         /// With --all: only those that died since: RFC 3339 time, date, or age (30m, 6h, 7d).
-        #[arg(long, value_name = "TIME", value_parser = since, requires = "all")]
+        #[arg(long, value_name = "TIME", value_parser = since, conflicts_with = "id")]
         since: Option<DateTime<Utc>>,
         /// Show what would change for each organization; change nothing.
         #[arg(long)]

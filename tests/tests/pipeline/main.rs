@@ -316,4 +316,6 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
     assert!(status.success(), "ingest exit status {status}");
 }
 
+mod operators;
 mod ordering;
+mod recovery;

@@ -2,9 +2,8 @@
 //! their checkout, and older API versions.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use e2e::harness::{FakeStripe, Pipeline, eventually, unique_tag};
+use e2e::harness::{FakeStripe, Pipeline, unique_tag};
 use e2e::stripe_events::{Customer, event, subscription_lifecycle};
 use futures::StreamExt;
 use rand::seq::SliceRandom;
@@ -13,24 +12,6 @@ use serde_json::Value;
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
-}
-
-/// Waits until the inbox has `total` events and every one of them is processed.
-async fn wait_until_all_processed(p: &Pipeline, total: i64) {
-    eventually(
-        Duration::from_secs(90),
-        "every event to be processed",
-        || async {
-            let (stored, processed): (i64, i64) = sqlx::query_as(
-                "SELECT count(*), count(*) FILTER (WHERE status = 'processed') FROM webhook_events",
-            )
-            .fetch_one(&p.db.pool)
-            .await
-            .expect("count");
-            (stored == total && processed == total).then_some(())
-        },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +66,7 @@ async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_s
         "seed {seed}: every delivery is accepted: {statuses:?}"
     );
 
-    wait_until_all_processed(&p, total_events).await;
+    p.wait_until_all_processed(total_events).await;
     for (organization_id, (status, cancel)) in &expected {
         let (code, body) = p.client.billing(organization_id).await;
         assert_eq!(code, 200, "seed {seed}: {organization_id}");
@@ -99,13 +80,7 @@ async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_s
         );
     }
     // Exactly one final decision per event, whatever the duplicates.
-    let finals: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT event_id, count(*) FROM billing_audit
-         WHERE decision NOT IN ('deferred', 'duplicate') GROUP BY event_id",
-    )
-    .fetch_all(&p.db.pool)
-    .await
-    .expect("audit");
+    let finals = p.final_decisions().await;
     assert_eq!(finals.len() as i64, total_events, "seed {seed}");
     assert!(
         finals.iter().all(|(_, n)| *n == 1),
