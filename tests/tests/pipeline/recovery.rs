@@ -16,9 +16,12 @@ pub const FAST_RECOVERY: &[(&str, &str)] = &[
     ("RETRY_MAX_MS", "1000"),
 ];
 
+/// Each organization's expected final (plan_status, cancel_at_period_end).
+type Expected = HashMap<String, (String, bool)>;
+
 /// Lifecycles of `count` organizations: each one's events in order, and each one's expected
 /// final (plan_status, cancel_at_period_end).
-fn lifecycles(count: usize) -> (Vec<Vec<Value>>, HashMap<String, (String, bool)>) {
+fn lifecycles(count: usize) -> (Vec<Vec<Value>>, Expected) {
     let run = unique_tag();
     let start = chrono::Utc::now().timestamp() - 3600;
     let mut streams = Vec::new();
@@ -71,11 +74,7 @@ async fn processed(p: &Pipeline) -> i64 {
 }
 
 /// Every event applied once, and every organization in its newest event's state.
-async fn assert_everything_applied_once(
-    p: &Pipeline,
-    total: i64,
-    expected: &HashMap<String, (String, bool)>,
-) {
+async fn assert_everything_applied_once(p: &Pipeline, total: i64, expected: &Expected) {
     p.wait_until_all_processed(total).await;
     let finals = p.final_decisions().await;
     assert_eq!(finals.len() as i64, total, "one final decision per event");
@@ -235,7 +234,15 @@ async fn with_redis_down_ingest_answers_200_and_the_sweeper_delivers_the_event()
     assert_eq!(p.queue.waiting_jobs(), 0, "Redis never got the job");
 
     let id = checkout["id"].as_str().expect("id");
-    assert_eq!(p.wait_for_decision(id).await, ["applied"]);
+    p.wait_for_decision(id).await;
+    // On a busy machine the sweeper may enqueue it again before the first job runs: applied
+    // once all the same, any further job is recorded as a duplicate.
+    let decisions = p.decisions(id).await;
+    assert_eq!(decisions[0], "applied", "{decisions:?}");
+    assert!(
+        decisions[1..].iter().all(|d| d == "duplicate"),
+        "{decisions:?}"
+    );
     let (_, billing) = p.client.billing(&customer.organization_id).await;
     assert_eq!(billing["stripe_customer_id"], customer.customer_id.as_str());
 }
