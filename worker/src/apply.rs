@@ -186,6 +186,10 @@ pub async fn apply_event(
     }
     let detail = verdict.detail.as_deref();
     match verdict.decision {
+        // Claimed before means processed; heals a row a failed concurrent job left pending.
+        Decision::Duplicate if stored.status != "processed" => {
+            webhook_events::mark_processed(&mut *tx, event_id).await?;
+        }
         Decision::Duplicate => {}
         Decision::Deferred => {
             processed_events::delete(&mut *tx, event_id).await?;

@@ -187,13 +187,17 @@ pub async fn record_failure<'e>(
     .await
 }
 
-/// Leaves the event pending, due again at `retry_at`.
+/// Leaves the event pending, due again at `retry_at`. An event another job processed in the
+/// meantime stays processed.
 pub async fn schedule_retry<'e>(
     db: impl PgExecutor<'e>,
     id: &str,
     retry_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE webhook_events SET status = 'pending', retry_at = $2 WHERE id = $1")
+    sqlx::query(
+        "UPDATE webhook_events SET status = 'pending', retry_at = $2
+         WHERE id = $1 AND status <> 'processed'",
+    )
         .bind(id)
         .bind(retry_at)
         .execute(db)
@@ -202,7 +206,8 @@ pub async fn schedule_retry<'e>(
 }
 
 /// Gives up on the event: a dead letter with its reason, kept for operators to replay.
-/// Returns the event type, or `None` if there is no such event.
+/// Returns the event type, or `None` if there is no such event or another job processed it
+/// in the meantime.
 pub async fn mark_dead<'e>(
     db: impl PgExecutor<'e>,
     id: &str,
@@ -211,7 +216,7 @@ pub async fn mark_dead<'e>(
     sqlx::query_scalar(
         "UPDATE webhook_events
          SET status = 'dead', last_error = $2, processed_at = now(), retry_at = NULL
-         WHERE id = $1
+         WHERE id = $1 AND status <> 'processed'
          RETURNING type",
     )
     .bind(id)
