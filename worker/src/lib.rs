@@ -1,6 +1,7 @@
-//! `worker`: applies queued Stripe events to organizations' billing state, and the operators'
-//! commands.
+//! `worker`: applies queued Stripe events to organizations' billing state, sends the outbox's
+//! emails, and the operators' commands.
 
 pub mod apply;
 pub mod consume;
+pub mod email;
 pub mod stripe_api;

@@ -1,10 +1,14 @@
-//! `worker`: `run` (the default) consumes the queue; `migrate` applies migrations.
+//! `worker`: `run` (the default) consumes the event and email queues; `migrate` applies
+//! migrations.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use futures::FutureExt;
 use shared::config::{DatabaseConfig, Source, WorkerConfig};
+use shared::shutdown::Stop;
 use worker::apply::Deps;
 use worker::consume::ConsumerSettings;
+use worker::email::{EmailConsumerSettings, EmailDeps};
 use worker::stripe_api::StripeApi;
 
 /// Applies Stripe events to organizations' billing state.
@@ -62,7 +66,8 @@ async fn migrate() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<()> {
     let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
     shared::telemetry::init(config.log_format);
-    // One TLS crypto provider for every TLS user in the process (reqwest, sqlx).
+    // One TLS crypto provider for every TLS user in the process (reqwest, sqlx, Resend), set
+    // before any client is built.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let stop = shared::shutdown::Stop::on_signal();
     let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
@@ -79,6 +84,16 @@ async fn run() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let email_deps = EmailDeps {
+        pool: pool.clone(),
+        resend: worker::email::resend_client(&config.email)
+            .context("building the Resend client")?,
+        from: config.email.from.clone(),
+        enterprise_sales: config.email.enterprise_sales.clone(),
+        retry: config.retry,
+        max_attempts: config.max_attempts,
+    };
+    let email_queue = shared::queue::EmailQueue::new(redis.clone(), &config.queue.prefix);
     let deps = Deps {
         pool,
         plans: config.plans.clone(),
@@ -90,10 +105,54 @@ async fn run() -> anyhow::Result<()> {
         poll_interval: config.poll_interval,
         max_attempts: config.max_attempts,
     };
-    worker::consume::run(deps, &settings, stop.wait())
-        .await
-        .context("event consumer stopped")?;
+    let email_settings = EmailConsumerSettings {
+        concurrency: config.concurrency,
+        poll_interval: config.poll_interval,
+    };
+
+    // Both consumers stop on the signal, or when the other one stops by itself: a worker
+    // process that lost one of its consumers exits non-zero so its supervisor restarts it.
+    let (halt, halted) = tokio::sync::watch::channel(false);
+    let until_stop = |stop: Stop, mut halted: tokio::sync::watch::Receiver<bool>| async move {
+        tokio::select! {
+            () = stop.wait() => {}
+            _ = halted.wait_for(|halt| *halt) => {}
+        }
+    };
+    let events = worker::consume::run(deps, &settings, until_stop(stop.clone(), halted.clone()));
+    let emails = worker::email::run(
+        email_deps,
+        &email_queue,
+        &email_settings,
+        until_stop(stop.clone(), halted),
+    );
+    let (events, emails) = tokio::join!(
+        supervise("event", events, stop.clone(), &halt),
+        supervise("email", emails, stop, &halt)
+    );
     metrics_server.abort();
+    events.and(emails)?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Runs one consumer; when it ends, halts the others. An end without the stop signal is an
+/// error even if the consumer returned `Ok`, unless another consumer's end halted this one
+/// (that one reports it).
+async fn supervise(
+    name: &'static str,
+    consumer: impl Future<Output = anyhow::Result<()>>,
+    stop: Stop,
+    halt: &tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let result = consumer.await;
+    let signalled = stop.wait().now_or_never().is_some();
+    let halted_by_other = halt.send_replace(true);
+    match result {
+        Err(e) => Err(e.context(format!("{name} consumer stopped"))),
+        Ok(()) if !signalled && !halted_by_other => {
+            Err(anyhow::anyhow!("{name} consumer stopped by itself"))
+        }
+        Ok(()) => Ok(()),
+    }
 }
