@@ -402,3 +402,54 @@ async fn handle(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(status: u16, name: &str) -> EmailError {
+        EmailError::Rejected {
+            status,
+            name: name.into(),
+            message: "…".into(),
+        }
+    }
+
+    #[test]
+    fn server_errors_rate_limits_and_network_trouble_are_transient() {
+        for error in [
+            rejected(500, "application_error"),
+            rejected(503, "service_unavailable"),
+            rejected(409, "concurrent_idempotent_requests"),
+            rejected(409, "resource_locked"),
+            EmailError::RateLimited { reset: None },
+            EmailError::Timeout(REQUEST_TIMEOUT),
+            EmailError::Transport("connection refused".into()),
+            EmailError::Unreadable("<html>bad gateway</html>".into()),
+        ] {
+            assert!(error.is_transient(), "{error}");
+        }
+    }
+
+    #[test]
+    fn refusals_of_the_request_itself_are_permanent() {
+        for error in [
+            rejected(422, "validation_error"),
+            rejected(400, "invalid_idempotency_key"),
+            rejected(401, "missing_api_key"),
+            rejected(403, "invalid_api_key"),
+            rejected(409, "invalid_idempotent_request"),
+            EmailError::UnknownOutbox(Uuid::nil()),
+        ] {
+            assert!(!error.is_transient(), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_idempotency_key_is_derived_from_the_outbox_row() {
+        assert_eq!(
+            idempotency_key(Uuid::nil()),
+            "enterprise-request/00000000-0000-0000-0000-000000000000"
+        );
+    }
+}
