@@ -14,6 +14,13 @@ export INTERNAL_API_TOKEN="${INTERNAL_API_TOKEN:-local-internal-token}"
 export STRIPE_BASIC_PRICE_KEY="${STRIPE_BASIC_PRICE_KEY:-price_basic_monthly}"
 export STRIPE_PREMIUM_PRICE_KEY="${STRIPE_PREMIUM_PRICE_KEY:-price_premium_monthly}"
 export STRIPE_ENTERPRISE_PRODUCT_KEY="${STRIPE_ENTERPRISE_PRODUCT_KEY:-prod_enterprise}"
+# Emails: by default Resend is a loopback address nothing listens on, so a local Enterprise
+# request ends as a pending/dead outbox row instead of a real email. To really send, set
+# RESEND_BASE_URL=https://api.resend.com and a real RESEND_API_KEY and EMAIL_FROM.
+export RESEND_API_KEY="${RESEND_API_KEY:-re_local_placeholder}"
+export RESEND_BASE_URL="${RESEND_BASE_URL:-http://127.0.0.1:9}"
+export EMAIL_FROM="${EMAIL_FROM:-Billing <billing@example.com>}"
+export ENTERPRISE_SALES_EMAIL="${ENTERPRISE_SALES_EMAIL:-sales@example.com}"
 ingest_addr="${INGEST_ADDR:-127.0.0.1:8080}"
 
 db_name="${DATABASE_URL##*/}"

@@ -1,10 +1,12 @@
-//! The one HTTP error type. 4xx answers carry a stable machine-readable `code` and a message;
-//! 5xx answers are generic, and the full error chain is logged once, here.
+//! The one HTTP error type. 4xx answers carry a stable machine-readable `code` and a message
+//! (`invalid_field` also names the `field`); 5xx answers are generic, and the full error chain
+//! is logged once, here.
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use shared::enterprise::{FieldError, InputError, SubmitError};
 use shared::signature::SignatureError;
 
 /// Everything a route can answer besides success.
@@ -25,6 +27,12 @@ pub enum ApiError {
     /// A signed webhook body that is not a Stripe event envelope.
     #[error("payload is not a Stripe event: {0}")]
     BadPayload(String),
+    /// A field of the body (or a header) is missing or unusable; the answer names it.
+    #[error(transparent)]
+    InvalidField(#[from] FieldError),
+    /// An `Idempotency-Key` used before with a different body.
+    #[error("{0}")]
+    IdempotencyConflict(String),
     /// Missing or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
@@ -56,6 +64,8 @@ impl ApiError {
             }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::BadPayload(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
+            ApiError::InvalidField(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
+            ApiError::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -63,20 +73,46 @@ impl ApiError {
     }
 }
 
+impl From<InputError> for ApiError {
+    fn from(error: InputError) -> ApiError {
+        match error {
+            InputError::Field(field) => ApiError::InvalidField(field),
+            other => ApiError::BadRequest(other.to_string()),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(error: SubmitError) -> ApiError {
+        match error {
+            e @ SubmitError::IdempotencyConflict { .. } => {
+                ApiError::IdempotencyConflict(e.to_string())
+            }
+            SubmitError::Database(e) => ApiError::Unavailable(
+                anyhow::Error::new(e).context("storing the enterprise request"),
+            ),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let field = match &self {
+            ApiError::InvalidField(e) => Some(e.field),
+            _ => None,
+        };
         let message = if status.is_server_error() {
             tracing::error!(error = ?anyhow::Error::from(self), "request failed");
             "temporarily unavailable, retry later".to_owned()
         } else {
             self.to_string()
         };
-        let mut response = (
-            status,
-            Json(json!({ "error": { "code": code, "message": message } })),
-        )
-            .into_response();
+        let mut error = json!({ "code": code, "message": message });
+        if let Some(field) = field {
+            error["field"] = field.into();
+        }
+        let mut response = (status, Json(json!({ "error": error }))).into_response();
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

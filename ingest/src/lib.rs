@@ -1,5 +1,6 @@
 //! `ingest`: the HTTP side. Stripe's webhook target (verify, store, enqueue, answer), the
-//! billing-status query of the product's backend, and health checks. Thin by design: no
+//! billing-status query and Enterprise plan requests of the product's backend, and health
+//! checks. Thin by design: no
 //! Stripe API call and no business logic on the request path.
 
 pub mod auth;
@@ -13,7 +14,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use secrecy::SecretString;
-use shared::queue::EventQueue;
+use shared::queue::{EmailQueue, EventQueue};
 use sqlx::PgPool;
 
 /// What every handler can reach. Cheap to clone.
@@ -26,6 +27,8 @@ pub struct Inner {
     pub pool: PgPool,
     /// The event queue.
     pub queue: EventQueue,
+    /// The email queue.
+    pub emails: EmailQueue,
     /// A Redis connection for readiness checks.
     pub redis: apalis_redis::ConnectionManager,
     /// Webhook endpoint secrets, any of which may sign.
@@ -56,6 +59,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/webhooks/stripe",
             post(routes::webhooks::receive).layer(DefaultBodyLimit::max(state.body_limit_bytes)),
+        )
+        .route(
+            "/v1/enterprise-requests",
+            post(routes::enterprise::create)
+                .layer(DefaultBodyLimit::max(routes::enterprise::BODY_LIMIT_BYTES)),
         )
         .route(
             "/v1/organizations/{organization_id}/billing",

@@ -24,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let state = ingest::AppState::new(ingest::Inner {
         pool,
         queue: shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix),
+        emails: shared::queue::EmailQueue::new(redis.clone(), &config.queue.prefix),
         redis,
         webhook_secrets: config.webhook_secrets,
         internal_api_token: config.internal_api_token,

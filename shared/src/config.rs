@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::email_address;
 use crate::retry::Backoff;
 use crate::stripe::PlanMapping;
 
@@ -95,6 +96,44 @@ impl Source {
 
     fn millis(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
         self.positive(name, default).map(Duration::from_millis)
+    }
+
+    /// A bare address (`name@example.com`).
+    fn email_address(&self, name: &'static str) -> Result<String, ConfigError> {
+        let address = self.required(name)?.trim().to_owned();
+        email_address::check(&address).map_err(|e| ConfigError::Invalid {
+            name,
+            reason: e.to_string(),
+        })?;
+        Ok(address)
+    }
+
+    /// A sender: `name@example.com` or `Display Name <name@example.com>`.
+    fn mailbox(&self, name: &'static str) -> Result<String, ConfigError> {
+        let mailbox = self.required(name)?.trim().to_owned();
+        email_address::check_mailbox(&mailbox).map_err(|e| ConfigError::Invalid {
+            name,
+            reason: format!("{e} (or Display Name <name@example.com>)"),
+        })?;
+        Ok(mailbox)
+    }
+
+    /// An `http://` or `https://` base URL without a trailing slash.
+    fn base_url(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let url = self.get(name).unwrap_or_else(|| default.to_owned());
+        let url = url.trim().trim_end_matches('/');
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        match rest {
+            Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
+                Ok(url.to_owned())
+            }
+            _ => Err(ConfigError::Invalid {
+                name,
+                reason: "expected an http:// or https:// URL".into(),
+            }),
+        }
     }
 
     fn backoff(&self) -> Result<Backoff, ConfigError> {
@@ -290,8 +329,36 @@ pub struct WorkerConfig {
     /// `SWEEP_GRACE_MS`: how long a pending row's job may be missing before the sweeper
     /// enqueues it again, default 120000.
     pub sweep_grace: Duration,
+    /// Sending emails (Resend).
+    pub email: EmailConfig,
     /// `LOG_FORMAT`, `text` (default) or `json`.
     pub log_format: LogFormat,
+}
+
+/// Sending emails through Resend.
+#[derive(Debug, Clone)]
+pub struct EmailConfig {
+    /// `RESEND_API_KEY`.
+    pub resend_api_key: SecretString,
+    /// `RESEND_BASE_URL`, default Resend's API; tests point it at a local fake.
+    pub resend_base_url: String,
+    /// `EMAIL_FROM`: our sender, `name@example.com` or `Display Name <name@example.com>`
+    /// (a domain verified in Resend).
+    pub from: String,
+    /// `ENTERPRISE_SALES_EMAIL`: where Enterprise plan requests go.
+    pub enterprise_sales: String,
+}
+
+impl EmailConfig {
+    /// Reads `RESEND_API_KEY`, `RESEND_BASE_URL`, `EMAIL_FROM`, `ENTERPRISE_SALES_EMAIL`.
+    pub fn load(source: &Source) -> Result<EmailConfig, ConfigError> {
+        Ok(EmailConfig {
+            resend_api_key: source.secret("RESEND_API_KEY")?,
+            resend_base_url: source.base_url("RESEND_BASE_URL", "https://api.resend.com")?,
+            from: source.mailbox("EMAIL_FROM")?,
+            enterprise_sales: source.email_address("ENTERPRISE_SALES_EMAIL")?,
+        })
+    }
 }
 
 impl WorkerConfig {
@@ -320,6 +387,7 @@ impl WorkerConfig {
             ),
             sweep_interval: source.millis("SWEEP_INTERVAL_MS", 5000)?,
             sweep_grace: source.millis("SWEEP_GRACE_MS", 120_000)?,
+            email: EmailConfig::load(source)?,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
         })
     }
@@ -395,34 +463,107 @@ mod tests {
                 .to_string()
                 .contains("greater than 0")
         );
-        let worker = |extra: &[(&'static str, &'static str)]| {
-            let mut pairs = vec![
-                ("STRIPE_BASIC_PRICE_KEY", "basic"),
-                ("STRIPE_PREMIUM_PRICE_KEY", "premium"),
-                ("STRIPE_ENTERPRISE_PRODUCT_KEY", "enterprise"),
-            ];
-            pairs.extend_from_slice(extra);
-            WorkerConfig::load(&with(&pairs))
-        };
-        let backoff = worker(&[("RETRY_BASE_MS", "5000"), ("RETRY_MAX_MS", "1000")]);
-        assert_eq!(
-            backoff.expect_err("must fail").to_string(),
-            "RETRY_MAX_MS is invalid: must not be less than RETRY_BASE_MS"
-        );
-        let grace = worker(&[("SWEEP_GRACE_MS", "soon")]);
-        assert!(
-            grace
-                .expect_err("must fail")
-                .to_string()
-                .starts_with("SWEEP_GRACE_MS is invalid")
-        );
-        let defaults = worker(&[]).expect("valid worker config");
-        assert_eq!(defaults.retry, Backoff::default());
-        assert_eq!(defaults.deferral_window, Duration::from_secs(259_200));
         let commas = IngestConfig::load(&with(&[("STRIPE_WEBHOOK_SECRET", ",")]));
         assert_eq!(
             commas.expect_err("must fail").to_string(),
             "STRIPE_WEBHOOK_SECRET is required but not set"
+        );
+    }
+
+    const WORKER: &[(&str, &str)] = &[
+        (
+            "DATABASE_URL",
+            "postgres://postgres:pg-password@127.0.0.1:5432/db",
+        ),
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ("STRIPE_BASIC_PRICE_KEY", "price_basic"),
+        ("STRIPE_PREMIUM_PRICE_KEY", "price_premium"),
+        ("STRIPE_ENTERPRISE_PRODUCT_KEY", "prod_enterprise"),
+        ("RESEND_API_KEY", "re_secret_key"),
+        ("EMAIL_FROM", "Billing <billing@example.com>"),
+        ("ENTERPRISE_SALES_EMAIL", "sales@example.com"),
+    ];
+
+    fn worker_with(extra: &[(&'static str, &'static str)]) -> Result<WorkerConfig, ConfigError> {
+        let mut pairs: Vec<(&str, &str)> = WORKER
+            .iter()
+            .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+            .copied()
+            .collect();
+        pairs.extend_from_slice(extra);
+        WorkerConfig::load(&Source::from_pairs(&pairs))
+    }
+
+    #[test]
+    fn worker_config_reads_email_settings_and_retry_defaults() {
+        let config = worker_with(&[]).expect("valid config");
+        assert_eq!(config.email.resend_base_url, "https://api.resend.com");
+        assert_eq!(config.email.from, "Billing <billing@example.com>");
+        assert_eq!(config.email.enterprise_sales, "sales@example.com");
+        assert_eq!(config.retry, Backoff::default());
+        assert!(!format!("{config:?}").contains("re_secret_key"));
+
+        let config = worker_with(&[
+            ("RESEND_BASE_URL", "http://127.0.0.1:4010/"),
+            ("RETRY_BASE_MS", "50"),
+            ("RETRY_MAX_MS", "200"),
+        ])
+        .expect("valid config");
+        assert_eq!(config.email.resend_base_url, "http://127.0.0.1:4010");
+        assert_eq!(
+            config.retry,
+            Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_millis(200)
+            }
+        );
+    }
+
+    #[test]
+    fn worker_email_settings_are_required_and_checked_naming_the_variable() {
+        for name in ["RESEND_API_KEY", "EMAIL_FROM", "ENTERPRISE_SALES_EMAIL"] {
+            let error = worker_with(&[(name, "")]).expect_err("must fail");
+            assert_eq!(error.to_string(), format!("{name} is required but not set"));
+        }
+        for (name, value) in [
+            ("EMAIL_FROM", "billing"),
+            ("EMAIL_FROM", "Billing <billing>"),
+            ("ENTERPRISE_SALES_EMAIL", "Sales <sales@example.com>"),
+            ("ENTERPRISE_SALES_EMAIL", "sales@@example.com"),
+            ("RESEND_BASE_URL", "api.resend.com"),
+            ("RETRY_BASE_MS", "0"),
+            ("RETRY_MAX_MS", "soon"),
+        ] {
+            let error = worker_with(&[(name, value)]).expect_err("must fail");
+            assert!(
+                error.to_string().starts_with(&format!("{name} is invalid")),
+                "{name}={value}: {error}"
+            );
+        }
+        let error = worker_with(&[("RETRY_BASE_MS", "5000"), ("RETRY_MAX_MS", "1000")])
+            .expect_err("must fail");
+        assert_eq!(
+            error.to_string(),
+            "RETRY_MAX_MS is invalid: must not be less than RETRY_BASE_MS"
+        );
+    }
+
+    #[test]
+    fn worker_recovery_settings_have_defaults_and_are_checked() {
+        let config = worker_with(&[]).expect("valid worker config");
+        assert_eq!(config.retry, Backoff::default());
+        assert_eq!(config.deferral_window, Duration::from_secs(259_200));
+        assert_eq!(config.sweep_interval, Duration::from_secs(5));
+        assert_eq!(config.sweep_grace, Duration::from_secs(120));
+        let error = worker_with(&[("SWEEP_GRACE_MS", "soon")]).expect_err("must fail");
+        assert!(
+            error.to_string().starts_with("SWEEP_GRACE_MS is invalid"),
+            "{error}"
+        );
+        let error = worker_with(&[("DEFERRAL_WINDOW_SECS", "0")]).expect_err("must fail");
+        assert_eq!(
+            error.to_string(),
+            "DEFERRAL_WINDOW_SECS is invalid: must be greater than 0"
         );
     }
 }

@@ -1,9 +1,11 @@
 //! What `ingest` and `worker` share: configuration, all SQL, the billing rules, the Stripe
-//! payload models, signature checks, the queue, telemetry and metrics.
+//! payload models, signature checks, Enterprise requests, the queues, telemetry and metrics.
 
 pub mod billing;
 pub mod config;
 pub mod db;
+pub mod email_address;
+pub mod enterprise;
 pub mod metrics;
 pub mod queue;
 pub mod retry;

@@ -8,8 +8,15 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 /// Webhook requests by outcome (`stored`, `duplicate`, `bad_signature`, `bad_payload`,
 /// `too_large`, `store_failed`).
 pub const WEBHOOKS_RECEIVED: &str = "billing_webhooks_received_total";
-/// Jobs ingest could not push after storing the event (the sweeper will).
+/// Jobs ingest could not push after committing their row, an event or an outbox email (the
+/// sweeper will).
 pub const ENQUEUE_FAILURES: &str = "billing_enqueue_failures_total";
+/// Enterprise plan requests by outcome (`created`, `repeated`, `invalid`, `conflict`,
+/// `store_failed`).
+pub const ENTERPRISE_REQUESTS: &str = "billing_enterprise_requests_total";
+/// Outbox emails handled by the worker, by `outcome` (`sent`, `already_done`, `not_due`,
+/// `retry_scheduled`, `dead`, `failed`).
+pub const EMAILS: &str = "billing_emails_total";
 /// Time to answer a webhook.
 pub const WEBHOOK_DURATION: &str = "billing_webhook_duration_seconds";
 /// Events decided by the worker, by `decision`.

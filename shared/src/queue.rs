@@ -1,7 +1,8 @@
-//! The queue between ingest and worker, and the only place (with `worker::consume`) that
-//! touches apalis. Postgres is the record of every event; Redis is only the transport, so a job
-//! carries nothing but the event id, and losing a job loses nothing (a sweeper re-enqueues
-//! pending inbox rows).
+//! The queues between ingest and worker, and the only place (with `worker::consume` and
+//! `worker::email`) that touches apalis. Postgres is the record of every event and email;
+//! Redis is only the transport, so a job carries nothing but a row id (`ApplyEventV1`: the
+//! event id; `SendEmailV1`: the outbox id), and losing a job loses nothing (a sweeper
+//! re-enqueues pending inbox and outbox rows).
 //!
 //! Jobs are JSON and versioned in their type name and queue name: a job that fails to decode is
 //! fatal to an apalis worker, so a job type only ever gains `#[serde(default)]` fields; a
@@ -13,6 +14,7 @@ use apalis::prelude::TaskSink;
 use apalis_redis::{ConnectionManager, RedisStorage};
 use redis::aio::ConnectionManagerConfig;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::config::QueueConfig;
 
@@ -21,6 +23,13 @@ use crate::config::QueueConfig;
 pub struct ApplyEventV1 {
     /// The Stripe event id, the key of the `webhook_events` row.
     pub event_id: String,
+}
+
+/// Send one email of the outbox (`email_outbox` row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendEmailV1 {
+    /// The outbox row; its status says whether the email still needs sending.
+    pub outbox_id: Uuid,
 }
 
 /// How long a Redis command may take before it counts as failed.
@@ -148,6 +157,56 @@ impl EventQueue {
             .map(|id| ApplyEventV1 {
                 event_id: (*id).to_owned(),
             })
+            .collect();
+        let mut storage = self.storage.clone();
+        tokio::time::timeout(REDIS_TIMEOUT, storage.push_bulk(jobs))
+            .await
+            .map_err(|_| QueueError::Timeout(REDIS_TIMEOUT))?
+            .map_err(|e| QueueError::Push(e.to_string()))
+    }
+}
+
+/// The name of the email queue under a prefix.
+pub fn emails_queue_name(prefix: &str) -> String {
+    format!("{prefix}:send-email-v1")
+}
+
+/// The apalis storage configuration of the email queue, the same on both sides.
+pub fn emails_storage_config(prefix: &str) -> apalis_redis::Config {
+    apalis_redis::Config::default()
+        .queue(emails_queue_name(prefix))
+        .heartbeat_interval(HEARTBEAT_INTERVAL)
+        .missed_heartbeats(MISSED_HEARTBEATS)
+}
+
+/// The producing side of the email queue: ingest after committing an outbox row, the
+/// sweeper and operators' replays.
+#[derive(Debug, Clone)]
+pub struct EmailQueue {
+    storage: RedisStorage<SendEmailV1>,
+}
+
+impl EmailQueue {
+    /// The email queue of `prefix` on `conn`.
+    pub fn new(conn: ConnectionManager, prefix: &str) -> EmailQueue {
+        EmailQueue {
+            storage: RedisStorage::new(conn).with_config(emails_storage_config(prefix)),
+        }
+    }
+
+    /// The apalis storage, for the consuming worker.
+    pub fn storage(&self) -> RedisStorage<SendEmailV1> {
+        self.storage.clone()
+    }
+
+    /// Pushes jobs for these outbox rows, in one Redis round trip.
+    pub async fn push(&self, outbox_ids: &[Uuid]) -> Result<(), QueueError> {
+        if outbox_ids.is_empty() {
+            return Ok(());
+        }
+        let jobs = outbox_ids
+            .iter()
+            .map(|&outbox_id| SendEmailV1 { outbox_id })
             .collect();
         let mut storage = self.storage.clone();
         tokio::time::timeout(REDIS_TIMEOUT, storage.push_bulk(jobs))

@@ -24,6 +24,15 @@ pub fn redis_url() -> String {
 pub const WEBHOOK_SECRET: &str = "whsec_test_primary";
 /// The internal API token the tests configure.
 pub const INTERNAL_TOKEN: &str = "test-internal-token";
+/// The sender the tests configure.
+pub const EMAIL_FROM: &str = "Billing <billing@example.com>";
+/// Where the tests' Enterprise requests go.
+pub const SALES_EMAIL: &str = "sales@example.com";
+/// Resend API key the tests configure (the fake checks it).
+pub const RESEND_API_KEY: &str = "re_test_key";
+/// A loopback address nothing listens on: the default `RESEND_BASE_URL` of tests that do not
+/// start a [`FakeResend`], so no test can ever reach the real Resend.
+pub const NO_RESEND: &str = "http://127.0.0.1:9";
 
 /// A unique, short tag for ids, database and queue names.
 pub fn unique_tag() -> String {
@@ -111,20 +120,40 @@ impl TestQueue {
     /// Jobs waiting in the event queue: its active list plus its scheduled set (apalis-redis
     /// puts new jobs in the scheduled set, due now).
     pub fn waiting_jobs(&self) -> usize {
-        let queue = shared::queue::events_queue_name(&self.prefix);
-        let mut conn = redis::Client::open(redis_url())
-            .and_then(|c| c.get_connection())
-            .expect("redis");
-        let active: usize = redis::cmd("LLEN")
-            .arg(format!("{queue}:active"))
-            .query(&mut conn)
-            .expect("LLEN");
-        let scheduled: usize = redis::cmd("ZCARD")
-            .arg(format!("{queue}:scheduled"))
-            .query(&mut conn)
-            .expect("ZCARD");
-        active + scheduled
+        waiting_in(&shared::queue::events_queue_name(&self.prefix))
     }
+
+    /// Jobs waiting in the email queue (as [`waiting_jobs`](Self::waiting_jobs)).
+    pub fn waiting_email_jobs(&self) -> usize {
+        waiting_in(&shared::queue::emails_queue_name(&self.prefix))
+    }
+
+    /// The producer of this prefix's email queue, to push jobs as the sweeper or an operator
+    /// would.
+    pub async fn email_queue(&self) -> shared::queue::EmailQueue {
+        let config = shared::config::QueueConfig {
+            redis_url: redis_url(),
+            prefix: self.prefix.clone(),
+        };
+        let conn = shared::queue::connect(&config).await.expect("redis");
+        shared::queue::EmailQueue::new(conn, &self.prefix)
+    }
+}
+
+/// Active list plus scheduled set of one apalis queue.
+fn waiting_in(queue: &str) -> usize {
+    let mut conn = redis::Client::open(redis_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let active: usize = redis::cmd("LLEN")
+        .arg(format!("{queue}:active"))
+        .query(&mut conn)
+        .expect("LLEN");
+    let scheduled: usize = redis::cmd("ZCARD")
+        .arg(format!("{queue}:scheduled"))
+        .query(&mut conn)
+        .expect("ZCARD");
+    active + scheduled
 }
 
 impl TestQueue {
@@ -328,6 +357,42 @@ impl IngestClient {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// `POST /v1/enterprise-requests` with `body` as JSON, the tests' token and an optional
+    /// `Idempotency-Key`.
+    pub async fn enterprise_request(
+        &self,
+        body: &Value,
+        idempotency_key: Option<&str>,
+    ) -> (u16, Value) {
+        let body = serde_json::to_vec(body).expect("serialize");
+        self.post_enterprise_raw(body, Some(INTERNAL_TOKEN), idempotency_key)
+            .await
+    }
+
+    /// `POST /v1/enterprise-requests` with raw bytes, any bearer token (or none) and an
+    /// optional `Idempotency-Key`.
+    pub async fn post_enterprise_raw(
+        &self,
+        body: Vec<u8>,
+        token: Option<&str>,
+        idempotency_key: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/enterprise-requests", self.base_url))
+            .header("Content-Type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.expect("enterprise request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// `GET path`, status only.
     pub async fn get_status(&self, path: &str) -> Option<u16> {
         let response = self
@@ -358,6 +423,10 @@ pub fn pipeline_env(db: &TestDb, queue: &TestQueue) -> Vec<(String, String)> {
             crate::stripe_events::ENTERPRISE_PRODUCT,
         ),
         ("QUEUE_POLL_INTERVAL_MS", "100"),
+        ("RESEND_API_KEY", RESEND_API_KEY),
+        ("RESEND_BASE_URL", NO_RESEND),
+        ("EMAIL_FROM", EMAIL_FROM),
+        ("ENTERPRISE_SALES_EMAIL", SALES_EMAIL),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -705,5 +774,170 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.cut();
         self.accept.abort();
+    }
+}
+
+/// One request the fake Resend received.
+#[derive(Debug, Clone)]
+pub struct ResendRequest {
+    /// The `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The JSON body (`from`, `to`, `reply_to`, `subject`, `html`, `text`, …).
+    pub body: Value,
+}
+
+/// What the fake Resend answers: a status, extra headers and a JSON body.
+#[derive(Debug, Clone)]
+pub struct ResendReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra headers (e.g. `ratelimit-reset`).
+    pub headers: Vec<(&'static str, String)>,
+    /// The JSON body.
+    pub body: Value,
+}
+
+impl ResendReply {
+    /// An error as Resend shapes it: `{statusCode, name, message}`.
+    pub fn error(status: u16, name: &str, message: &str) -> ResendReply {
+        ResendReply {
+            status,
+            headers: Vec::new(),
+            body: serde_json::json!({ "statusCode": status, "name": name, "message": message }),
+        }
+    }
+
+    /// A 429 that resets in `seconds`.
+    pub fn rate_limited(seconds: u64) -> ResendReply {
+        ResendReply {
+            status: 429,
+            headers: vec![
+                ("ratelimit-limit", "2".to_owned()),
+                ("ratelimit-remaining", "0".to_owned()),
+                ("ratelimit-reset", seconds.to_string()),
+            ],
+            body: serde_json::json!({
+                "statusCode": 429,
+                "name": "rate_limit_exceeded",
+                "message": "Too many requests."
+            }),
+        }
+    }
+}
+
+#[derive(Default)]
+struct FakeResendState {
+    requests: Vec<ResendRequest>,
+    /// Replies to give next, in order; once empty, every email is accepted.
+    script: std::collections::VecDeque<ResendReply>,
+    /// Idempotency key → id of the email accepted under it (Resend answers a repeat with the
+    /// first answer and sends nothing).
+    accepted: std::collections::HashMap<String, String>,
+    /// Emails actually accepted (repeats of a key excluded), in order.
+    emails: Vec<ResendRequest>,
+}
+
+/// A local stand-in for Resend's `POST /emails`: records every request, answers the scripted
+/// replies first, then accepts; honours idempotency keys as Resend does.
+#[derive(Clone, Default)]
+pub struct FakeResend {
+    state: std::sync::Arc<std::sync::Mutex<FakeResendState>>,
+}
+
+impl FakeResend {
+    /// Serves on a loopback port; returns the fake and its base URL (for `RESEND_BASE_URL`).
+    pub async fn start() -> (FakeResend, String) {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        let fake = FakeResend::default();
+        let app = axum::Router::new()
+            .route(
+                "/emails",
+                axum::routing::post(
+                    |State(fake): State<FakeResend>,
+                     headers: HeaderMap,
+                     axum::Json(body): axum::Json<Value>| async move {
+                        let header = |name: &str| {
+                            headers
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned)
+                        };
+                        let request = ResendRequest {
+                            idempotency_key: header("idempotency-key"),
+                            authorization: header("authorization"),
+                            body,
+                        };
+                        let mut state = fake.state.lock().expect("lock");
+                        state.requests.push(request.clone());
+                        let reply = match state.script.pop_front() {
+                            Some(reply) => reply,
+                            None => {
+                                let repeat = request
+                                    .idempotency_key
+                                    .as_ref()
+                                    .and_then(|key| state.accepted.get(key).cloned());
+                                let id = match repeat {
+                                    Some(id) => id,
+                                    None => {
+                                        let id = uuid::Uuid::new_v4().to_string();
+                                        if let Some(key) = &request.idempotency_key {
+                                            state.accepted.insert(key.clone(), id.clone());
+                                        }
+                                        state.emails.push(request);
+                                        id
+                                    }
+                                };
+                                ResendReply {
+                                    status: 200,
+                                    headers: Vec::new(),
+                                    body: serde_json::json!({ "id": id }),
+                                }
+                            }
+                        };
+                        let mut response = (
+                            StatusCode::from_u16(reply.status).expect("status"),
+                            axum::Json(reply.body),
+                        )
+                            .into_response();
+                        for (name, value) in reply.headers {
+                            response
+                                .headers_mut()
+                                .insert(name, value.parse().expect("header value"));
+                        }
+                        response
+                    },
+                ),
+            )
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake Resend");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (fake, url)
+    }
+
+    /// Answers these replies to the next requests, in order (after any still scripted).
+    pub fn script(&self, replies: impl IntoIterator<Item = ResendReply>) {
+        self.state.lock().expect("lock").script.extend(replies);
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<ResendRequest> {
+        self.state.lock().expect("lock").requests.clone()
+    }
+
+    /// The emails accepted so far (a repeated idempotency key counts once).
+    pub fn emails(&self) -> Vec<ResendRequest> {
+        self.state.lock().expect("lock").emails.clone()
+    }
+
+    /// The id the fake gave the email accepted under `key`.
+    pub fn email_id(&self, key: &str) -> Option<String> {
+        self.state.lock().expect("lock").accepted.get(key).cloned()
     }
 }

@@ -1,8 +1,9 @@
-//! `worker`: applies queued Stripe events to organizations' billing state, and the operators'
-//! commands.
+//! `worker`: applies queued Stripe events to organizations' billing state, sends the outbox's
+//! emails, and the operators' commands.
 
 pub mod apply;
 pub mod consume;
+pub mod email;
 pub mod ops;
 pub mod stripe_api;
 pub mod sweeper;

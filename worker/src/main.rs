@@ -1,16 +1,20 @@
-//! `worker`: `run` (the default) consumes the queue and sweeps the inbox; `migrate` applies
-//! migrations; `dead-letters` and `events` are the operators' commands (see README,
-//! "Operations runbook"). Exit status: 0 done, 1 failed (the message says why), 2 bad
-//! arguments.
+//! `worker`: `run` (the default) consumes the event and email queues and sweeps the inbox and
+//! the outbox; `migrate` applies migrations; `dead-letters` and `events` are the operators'
+//! commands (see README, "Operations runbook"). Exit status: 0 done, 1 failed (the message
+//! says why), 2 bad arguments.
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
+use futures::FutureExt;
 use shared::config::{DatabaseConfig, Source, WorkerConfig};
 use shared::db::webhook_events::DeadLetterFilter;
+use shared::queue::EmailQueue;
+use shared::shutdown::Stop;
 use sqlx::PgPool;
 use worker::apply::{ApplyOptions, Deps, Policy};
 use worker::consume::ConsumerSettings;
+use worker::email::{EmailConsumerSettings, EmailDeps};
 use worker::ops::{self, Output};
 use worker::stripe_api::StripeApi;
 use worker::sweeper::SweeperSettings;
@@ -30,7 +34,7 @@ enum Command {
     Run,
     /// Apply pending database migrations, then exit. Needs only DATABASE_URL.
     Migrate,
-    /// Events the worker gave up on.
+    /// Events and emails the worker gave up on.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
     /// One stored event.
@@ -42,7 +46,7 @@ enum Command {
 enum DeadLetters {
     /// List dead letters, newest first. Needs only DATABASE_URL.
     List {
-        /// Only events of this type (e.g. customer.subscription.updated).
+        /// Only this type (e.g. customer.subscription.updated, or email.enterprise_request).
         #[arg(long = "type", value_name = "TYPE")]
         event_type: Option<String>,
         /// Only those that died since: RFC 3339 time, date, or age (30m, 6h, 7d).
@@ -57,7 +61,7 @@ enum DeadLetters {
     },
     /// Apply dead letters again, now, in this process. Needs the worker's environment.
     Replay {
-        /// The dead letter to replay.
+        /// The dead letter to replay: an event id (evt_…) or an outbox email id (a UUID).
         #[arg(
             long,
             value_name = "EVENT_ID",
@@ -65,7 +69,8 @@ enum DeadLetters {
             conflicts_with = "all"
         )]
         id: Option<String>,
-        /// Every dead letter (narrowed by --type and --since), oldest Stripe event first.
+        /// Every dead letter (narrowed by --type and --since): events, oldest Stripe event
+        /// first, then emails.
         #[arg(long)]
         all: bool,
         /// With --all: only events of this type.
@@ -155,9 +160,16 @@ async fn migrate() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Everything applying needs, from the worker's environment.
-async fn deps(config: &WorkerConfig) -> anyhow::Result<Deps> {
-    // One TLS crypto provider for every TLS user in the process (reqwest, sqlx).
+/// Everything the worker's jobs need, from the worker's environment.
+struct Resources {
+    events: Deps,
+    emails: EmailDeps,
+    email_queue: EmailQueue,
+}
+
+async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
+    // One TLS crypto provider for every TLS user in the process (reqwest, sqlx, Resend), set
+    // before any client is built.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let pool = shared::db::connect(&config.database)
         .await
@@ -172,28 +184,46 @@ async fn deps(config: &WorkerConfig) -> anyhow::Result<Deps> {
         ),
         None => None,
     };
-    Ok(Deps {
-        pool,
-        plans: config.plans.clone(),
-        stripe,
-        queue: shared::queue::EventQueue::new(redis, &config.queue.prefix),
-        policy: Policy {
-            max_attempts: config.max_attempts,
-            retry: config.retry,
-            deferral_window: config.deferral_window,
+    let emails = EmailDeps {
+        pool: pool.clone(),
+        resend: worker::email::resend_client(&config.email)
+            .context("building the Resend client")?,
+        from: config.email.from.clone(),
+        enterprise_sales: config.email.enterprise_sales.clone(),
+        retry: config.retry,
+        max_attempts: config.max_attempts,
+    };
+    Ok(Resources {
+        email_queue: EmailQueue::new(redis.clone(), &config.queue.prefix),
+        events: Deps {
+            pool,
+            plans: config.plans.clone(),
+            stripe,
+            queue: shared::queue::EventQueue::new(redis, &config.queue.prefix),
+            policy: Policy {
+                max_attempts: config.max_attempts,
+                retry: config.retry,
+                deferral_window: config.deferral_window,
+            },
         },
+        emails,
     })
 }
 
 async fn run() -> anyhow::Result<()> {
     let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
     shared::telemetry::init(config.log_format);
-    let stop = shared::shutdown::Stop::on_signal();
+    let stop = Stop::on_signal();
     let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
-    let deps = deps(&config).await?;
+    let Resources {
+        events: deps,
+        emails: email_deps,
+        email_queue,
+    } = resources(&config).await?;
     let sweeper = tokio::spawn(worker::sweeper::run(
         deps.pool.clone(),
         deps.queue.clone(),
+        email_queue.clone(),
         SweeperSettings {
             interval: config.sweep_interval,
             grace: config.sweep_grace,
@@ -204,13 +234,57 @@ async fn run() -> anyhow::Result<()> {
         concurrency: config.concurrency,
         poll_interval: config.poll_interval,
     };
-    worker::consume::run(deps, &settings, stop.wait())
-        .await
-        .context("event consumer stopped")?;
-    sweeper.await.context("sweeper task")?;
+    let email_settings = EmailConsumerSettings {
+        concurrency: config.concurrency,
+        poll_interval: config.poll_interval,
+    };
+
+    // Both consumers stop on the signal, or when the other one stops by itself: a worker
+    // process that lost one of its consumers exits non-zero so its supervisor restarts it.
+    let (halt, halted) = tokio::sync::watch::channel(false);
+    let until_stop = |stop: Stop, mut halted: tokio::sync::watch::Receiver<bool>| async move {
+        tokio::select! {
+            () = stop.wait() => {}
+            _ = halted.wait_for(|halt| *halt) => {}
+        }
+    };
+    let events = worker::consume::run(deps, &settings, until_stop(stop.clone(), halted.clone()));
+    let emails = worker::email::run(
+        email_deps,
+        &email_queue,
+        &email_settings,
+        until_stop(stop.clone(), halted),
+    );
+    let (events, emails) = tokio::join!(
+        supervise("event", events, stop.clone(), &halt),
+        supervise("email", emails, stop, &halt)
+    );
+    sweeper.abort();
     metrics_server.abort();
+    events.and(emails)?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Runs one consumer; when it ends, halts the others. An end without the stop signal is an
+/// error even if the consumer returned `Ok`, unless another consumer's end halted this one
+/// (that one reports it).
+async fn supervise(
+    name: &'static str,
+    consumer: impl Future<Output = anyhow::Result<()>>,
+    stop: Stop,
+    halt: &tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let result = consumer.await;
+    let signalled = stop.wait().now_or_never().is_some();
+    let halted_by_other = halt.send_replace(true);
+    match result {
+        Err(e) => Err(e.context(format!("{name} consumer stopped"))),
+        Ok(()) if !signalled && !halted_by_other => {
+            Err(anyhow::anyhow!("{name} consumer stopped by itself"))
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 async fn dead_letters(command: DeadLetters) -> anyhow::Result<()> {
@@ -243,28 +317,35 @@ async fn dead_letters(command: DeadLetters) -> anyhow::Result<()> {
             json,
         } => {
             let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
-            let deps = deps(&config).await?;
-            let ids = match id {
-                Some(id) => vec![id],
+            let resources = resources(&config).await?;
+            let targets = match id {
+                Some(id) => vec![ops::DeadLetterId::parse(&id)],
                 None => {
                     let filter = DeadLetterFilter {
                         event_type,
                         since,
                         limit: i64::MAX,
                     };
-                    shared::db::webhook_events::list_dead_ids(&deps.pool, &filter).await?
+                    ops::dead_letter_ids(&resources.events.pool, &filter).await?
                 }
             };
-            let mut results = Vec::with_capacity(ids.len());
-            for id in &ids {
-                results.push(ops::replay_dead_letter(&deps, id, dry_run).await?);
+            let mut results = Vec::with_capacity(targets.len());
+            for target in &targets {
+                results.push(match target {
+                    ops::DeadLetterId::Event(id) => {
+                        ops::replay_dead_letter(&resources.events, id, dry_run).await?
+                    }
+                    ops::DeadLetterId::Email(id) => {
+                        ops::replay_dead_email(&resources.emails, *id, dry_run).await?
+                    }
+                });
             }
             Output { json }.print(&results, || ops::replay_text(&results));
             let failed = results.iter().filter(|r| r.is_failure()).count();
             anyhow::ensure!(
                 failed == 0,
-                "{failed} of {} events were not applied",
-                ids.len()
+                "{failed} of {} dead letters were not applied or sent",
+                targets.len()
             );
             Ok(())
         }
@@ -280,7 +361,7 @@ async fn events(command: Events) -> anyhow::Result<()> {
             json,
         } => {
             let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
-            let deps = deps(&config).await?;
+            let deps = resources(&config).await?.events;
             let options = ApplyOptions { force, dry_run };
             let output = Output { json };
             match ops::replay_event(&deps, &event_id, options).await? {

@@ -1,7 +1,9 @@
-//! The operators' commands: list and replay dead letters, replay or inspect one event. They
-//! work from Postgres alone (the inbox is the record; Redis may have lost everything) and
-//! apply events in this process with the same code as the consumer, so what an operator sees
-//! is what happened. A dry run takes the same path and rolls its transaction back.
+//! The operators' commands: list and replay dead letters (events and outbox emails), replay
+//! or inspect one event. They work from Postgres alone (the inbox and the outbox are the
+//! record; Redis may have lost everything) and apply events or send emails in this process
+//! with the same code as the consumers, so what an operator sees is what happened. An
+//! event's dry run takes the same path and rolls its transaction back; an email's dry run
+//! only says what would be sent.
 //!
 //! Every command returns its result as data; `print` renders it as aligned text for a person
 //! or as JSON for a script.
@@ -12,9 +14,15 @@ use shared::billing::{Access, access};
 use shared::db::billing_audit::{self, AuditRow, Decision};
 use shared::db::organizations::{self, Organization};
 use shared::db::webhook_events::{self, DeadLetterFilter, StoredEvent};
+use shared::db::{email_outbox, enterprise_requests};
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::apply::{self, ApplyOptions, Deps, FailureOutcome, Report};
+use crate::email::{self, EmailDeps, EmailError, EmailReport};
+
+/// The `type` of outbox emails in dead-letter listings (`--type` selects them).
+pub const EMAIL_TYPE: &str = "email.enterprise_request";
 
 /// An operator's command could not run.
 #[derive(Debug, thiserror::Error)]
@@ -30,17 +38,65 @@ pub enum OpsError {
         /// Its status.
         status: String,
     },
+    /// No outbox email with this id.
+    #[error("no outbox email {0}")]
+    UnknownEmail(Uuid),
+    /// Sending an email could not be recorded.
+    #[error(transparent)]
+    Email(#[from] EmailError),
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
 
-/// The outcome of replaying one event.
+/// A dead letter of either kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterId {
+    /// A Stripe event (`evt_…`).
+    Event(String),
+    /// An outbox email (a UUID).
+    Email(Uuid),
+}
+
+impl DeadLetterId {
+    /// A UUID names an outbox email; anything else a Stripe event.
+    pub fn parse(id: &str) -> DeadLetterId {
+        match Uuid::parse_str(id) {
+            Ok(uuid) => DeadLetterId::Email(uuid),
+            Err(_) => DeadLetterId::Event(id.to_owned()),
+        }
+    }
+}
+
+/// One dead letter, as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// `event` or `email`.
+    pub kind: &'static str,
+    /// The event id or the outbox id.
+    pub id: String,
+    /// The event type, or [`EMAIL_TYPE`].
+    #[serde(rename = "type")]
+    pub letter_type: String,
+    /// When an event died; when an email was requested (the outbox keeps no death time).
+    pub at: Option<DateTime<Utc>>,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// Deferrals (events only).
+    pub deferrals: i32,
+    /// Why it died.
+    pub last_error: Option<String>,
+}
+
+/// The outcome of replaying one event or email.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplayResult {
-    /// The event.
-    pub event_id: String,
-    /// The decision (`applied`, `stale`, `deferred`, `dead`, …), or `failed`.
+    /// `event` or `email`.
+    pub kind: &'static str,
+    /// The event id or the outbox id.
+    pub id: String,
+    /// The decision (`applied`, `stale`, `deferred`, `dead`, …, or `sent`, `would_send`,
+    /// `retry_scheduled` for an email), or `failed`.
     pub decision: String,
     /// The organization concerned.
     pub organization_id: Option<String>,
@@ -55,14 +111,18 @@ pub struct ReplayResult {
 }
 
 impl ReplayResult {
-    /// The replay did not leave the event applied: it failed, or it is dead again.
+    /// The replay did not apply or send: it failed, is dead again, or waits for a retry.
     pub fn is_failure(&self) -> bool {
-        matches!(self.decision.as_str(), "failed" | "dead")
+        matches!(
+            self.decision.as_str(),
+            "failed" | "dead" | "retry_scheduled"
+        )
     }
 
     fn from_report(event_id: &str, report: Report, dry_run: bool) -> ReplayResult {
         ReplayResult {
-            event_id: event_id.to_owned(),
+            kind: "event",
+            id: event_id.to_owned(),
             decision: report.decision.as_str().to_owned(),
             organization_id: report.organization_id,
             status_before: report.status_before.map(|s| s.as_str().to_owned()),
@@ -73,12 +133,121 @@ impl ReplayResult {
     }
 }
 
-/// Dead letters matching `filter`, newest first.
+/// Dead letters matching `filter` (events and emails), newest first.
 pub async fn list_dead_letters(
     pool: &PgPool,
     filter: &DeadLetterFilter,
-) -> Result<Vec<StoredEvent>, OpsError> {
-    Ok(webhook_events::list_dead(pool, filter).await?)
+) -> Result<Vec<DeadLetter>, OpsError> {
+    let mut letters: Vec<DeadLetter> = webhook_events::list_dead(pool, filter)
+        .await?
+        .into_iter()
+        .map(|event| DeadLetter {
+            kind: "event",
+            id: event.id,
+            letter_type: event.event_type,
+            at: event.processed_at,
+            attempts: event.attempts,
+            deferrals: event.deferrals,
+            last_error: event.last_error,
+        })
+        .collect();
+    if includes_emails(filter) {
+        let emails = email_outbox::list_dead(pool, filter.since, filter.limit).await?;
+        letters.extend(emails.into_iter().map(|email| DeadLetter {
+            kind: "email",
+            id: email.id.to_string(),
+            letter_type: EMAIL_TYPE.to_owned(),
+            at: Some(email.created_at),
+            attempts: email.attempts,
+            deferrals: 0,
+            last_error: email.last_error,
+        }));
+    }
+    letters.sort_by_key(|letter| std::cmp::Reverse(letter.at));
+    letters.truncate(usize::try_from(filter.limit).unwrap_or(usize::MAX));
+    Ok(letters)
+}
+
+/// Every dead letter matching `filter` (its limit ignored): events in Stripe's order, then
+/// emails.
+pub async fn dead_letter_ids(
+    pool: &PgPool,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeadLetterId>, OpsError> {
+    let all = DeadLetterFilter {
+        limit: i64::MAX,
+        ..filter.clone()
+    };
+    let mut ids: Vec<DeadLetterId> = webhook_events::list_dead_ids(pool, &all)
+        .await?
+        .into_iter()
+        .map(DeadLetterId::Event)
+        .collect();
+    if includes_emails(filter) {
+        let emails = email_outbox::list_dead(pool, filter.since, i64::MAX).await?;
+        ids.extend(emails.into_iter().rev().map(|e| DeadLetterId::Email(e.id)));
+    }
+    Ok(ids)
+}
+
+fn includes_emails(filter: &DeadLetterFilter) -> bool {
+    filter.event_type.as_deref().is_none_or(|t| t == EMAIL_TYPE)
+}
+
+/// Replays one dead email: it becomes pending with a fresh attempt count and is sent now,
+/// with the same Resend idempotency key as before. With `dry_run`, says what would be sent.
+pub async fn replay_dead_email(
+    deps: &EmailDeps,
+    outbox_id: Uuid,
+    dry_run: bool,
+) -> Result<ReplayResult, OpsError> {
+    let row = email_outbox::get(&deps.pool, outbox_id)
+        .await?
+        .ok_or(OpsError::UnknownEmail(outbox_id))?;
+    if row.status != email_outbox::OutboxStatus::Dead {
+        return Err(OpsError::NotDead {
+            id: outbox_id.to_string(),
+            status: row.status.as_str().to_owned(),
+        });
+    }
+    let request = enterprise_requests::get(&deps.pool, row.request_id).await?;
+    let result = |decision: &str, detail: String| ReplayResult {
+        kind: "email",
+        id: outbox_id.to_string(),
+        decision: decision.to_owned(),
+        organization_id: request.as_ref().map(|r| r.organization_id.clone()),
+        status_before: None,
+        status_after: None,
+        detail: Some(detail),
+        dry_run,
+    };
+    if dry_run {
+        return Ok(result(
+            "would_send",
+            format!(
+                "to {} (Idempotency-Key {})",
+                deps.enterprise_sales,
+                email::idempotency_key(outbox_id)
+            ),
+        ));
+    }
+    if !email_outbox::reset_for_replay(&deps.pool, outbox_id).await? {
+        return Err(OpsError::NotDead {
+            id: outbox_id.to_string(),
+            status: "no longer dead".to_owned(),
+        });
+    }
+    let report = email::send_outbox_email(deps, outbox_id).await?;
+    let detail = match &report {
+        EmailReport::Sent { resend_email_id } => format!("Resend email {resend_email_id}"),
+        EmailReport::RetryScheduled { error, .. } => {
+            format!("{error}; the sweeper retries it")
+        }
+        EmailReport::Dead { reason } => reason.clone(),
+        EmailReport::AlreadyDone(status) => format!("already {}", status.as_str()),
+        EmailReport::NotDue { retry_at } => format!("due at {retry_at}"),
+    };
+    Ok(result(report.outcome(), detail))
 }
 
 /// Replays one dead letter: it becomes a fresh pending event (attempts and deferrals start
@@ -151,7 +320,8 @@ async fn run_apply(
                 }
             };
             Ok(ReplayResult {
-                event_id: event_id.to_owned(),
+                kind: "event",
+                id: event_id.to_owned(),
                 decision: "failed".to_owned(),
                 organization_id: None,
                 status_before: None,
@@ -275,20 +445,21 @@ impl Output {
 }
 
 /// Dead letters as a table.
-pub fn dead_letters_text(rows: &[StoredEvent], limit: i64) -> String {
+pub fn dead_letters_text(rows: &[DeadLetter], limit: i64) -> String {
     if rows.is_empty() {
         return "no dead letters match\n".to_owned();
     }
     let mut text = format!(
-        "{:<32} {:<38} {:<20} {:>8} {:>9}  LAST ERROR\n",
-        "EVENT", "TYPE", "DEAD SINCE", "ATTEMPTS", "DEFERRALS"
+        "{:<6} {:<36} {:<32} {:<20} {:>8} {:>9}  LAST ERROR\n",
+        "KIND", "ID", "TYPE", "AT", "ATTEMPTS", "DEFERRALS"
     );
     for row in rows {
         text += &format!(
-            "{:<32} {:<38} {:<20} {:>8} {:>9}  {}\n",
+            "{:<6} {:<36} {:<32} {:<20} {:>8} {:>9}  {}\n",
+            row.kind,
             row.id,
-            row.event_type,
-            row.processed_at.map(short_time).unwrap_or_default(),
+            row.letter_type,
+            row.at.map(short_time).unwrap_or_default(),
             row.attempts,
             row.deferrals,
             row.last_error.as_deref().unwrap_or("")
@@ -311,8 +482,9 @@ pub fn replay_text(results: &[ReplayResult]) -> String {
             _ => String::new(),
         };
         text += &format!(
-            "{:<32} {:<10} {:<24} {:<24} {}\n",
-            result.event_id,
+            "{:<6} {:<36} {:<15} {:<24} {:<24} {}\n",
+            result.kind,
+            result.id,
             result.decision,
             result.organization_id.as_deref().unwrap_or("-"),
             change,

@@ -1,6 +1,7 @@
-//! The sweeper: what makes "an event Stripe got a 200 for is applied eventually" true when
-//! Redis is not. Every `SWEEP_INTERVAL_MS` it enqueues again the inbox rows that are due:
-//! failed or deferred rows past their `retry_at`, and pending rows whose job is older than
+//! The sweeper: what makes "an event Stripe got a 200 for is applied eventually" (and "an
+//! Enterprise request's email is sent eventually") true when Redis is not. Every
+//! `SWEEP_INTERVAL_MS` it enqueues again the inbox and outbox rows that are due: failed or
+//! deferred rows past their `retry_at`, and pending rows whose job is older than
 //! `SWEEP_GRACE_MS` (the push failed, Redis was flushed or restarted empty, a job was lost).
 //!
 //! Every replica runs one. They do not enqueue a row twice in one round: the claim is a single
@@ -14,9 +15,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use shared::db::webhook_events;
+use shared::db::{email_outbox, webhook_events};
 use shared::metrics::{INBOX_EVENTS, QUEUE_DEPTH, SWEPT};
-use shared::queue::EventQueue;
+use shared::queue::{EmailQueue, EventQueue};
 use sqlx::PgPool;
 
 /// Rows claimed per statement.
@@ -40,6 +41,7 @@ pub struct SweeperSettings {
 pub async fn run(
     pool: PgPool,
     queue: EventQueue,
+    email_queue: EmailQueue,
     settings: SweeperSettings,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -52,13 +54,23 @@ pub async fn run(
             () = &mut shutdown => return,
             _ = tick.tick() => {}
         }
-        match sweep(&pool, &queue, settings.grace).await {
-            Ok(0) => {}
-            Ok(count) => tracing::info!(count, "sweeper enqueued due events"),
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                "sweep failed; retrying next round"
+        let rounds = [
+            ("events", sweep(&pool, &queue, settings.grace).await),
+            (
+                "emails",
+                sweep_outbox(&pool, &email_queue, settings.grace).await,
             ),
+        ];
+        for (what, round) in rounds {
+            match round {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, what, "sweeper enqueued due rows"),
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    what,
+                    "sweep failed; retrying next round"
+                ),
+            }
         }
         if let Err(e) = refresh_gauges(&pool, &queue).await {
             tracing::debug!(error = format!("{e:#}"), "backlog gauges not refreshed");
@@ -73,22 +85,62 @@ pub async fn run(
     }
 }
 
-/// One round: claims every due row, batch by batch, and pushes their jobs. Returns how many
-/// were enqueued. A push that fails leaves the claimed rows due again after `grace`.
+/// One round over the inbox: claims every due event, batch by batch, and pushes their jobs.
+/// Returns how many were enqueued. A push that fails leaves the claimed rows due again after
+/// `grace`.
 pub async fn sweep(pool: &PgPool, queue: &EventQueue, grace: Duration) -> anyhow::Result<usize> {
+    claim_and_push(
+        || async move {
+            webhook_events::claim_due(pool, grace, BATCH)
+                .await
+                .context("claiming due events")
+        },
+        |ids: Vec<String>| async move {
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            queue.push(&refs).await.context("enqueueing claimed events")
+        },
+    )
+    .await
+}
+
+/// [`sweep`] for the email outbox.
+pub async fn sweep_outbox(
+    pool: &PgPool,
+    queue: &EmailQueue,
+    grace: Duration,
+) -> anyhow::Result<usize> {
+    claim_and_push(
+        || async move {
+            email_outbox::claim_due(pool, grace, BATCH)
+                .await
+                .context("claiming due emails")
+        },
+        |ids: Vec<uuid::Uuid>| async move {
+            queue.push(&ids).await.context("enqueueing claimed emails")
+        },
+    )
+    .await
+}
+
+/// Claims and pushes batches until a batch comes back short; returns how many were pushed.
+async fn claim_and_push<Id, Claim, Claimed, Push, Pushed>(
+    claim: Claim,
+    push: Push,
+) -> anyhow::Result<usize>
+where
+    Claim: Fn() -> Claimed,
+    Claimed: Future<Output = anyhow::Result<Vec<Id>>>,
+    Push: Fn(Vec<Id>) -> Pushed,
+    Pushed: Future<Output = anyhow::Result<()>>,
+{
     let mut total = 0;
     loop {
-        let ids = webhook_events::claim_due(pool, grace, BATCH)
-            .await
-            .context("claiming due events")?;
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        queue
-            .push(&refs)
-            .await
-            .with_context(|| format!("enqueueing {} claimed events", ids.len()))?;
-        metrics::counter!(SWEPT).increment(ids.len() as u64);
-        total += ids.len();
-        if (ids.len() as i64) < BATCH {
+        let ids = claim().await?;
+        let count = ids.len();
+        push(ids).await?;
+        metrics::counter!(SWEPT).increment(count as u64);
+        total += count;
+        if (count as i64) < BATCH {
             return Ok(total);
         }
     }

@@ -3,6 +3,8 @@
 //! structs and explicit column lists (no build-time database needed).
 
 pub mod billing_audit;
+pub mod email_outbox;
+pub mod enterprise_requests;
 pub mod organizations;
 pub mod processed_events;
 pub mod webhook_events;

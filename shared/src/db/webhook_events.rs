@@ -198,10 +198,10 @@ pub async fn schedule_retry<'e>(
         "UPDATE webhook_events SET status = 'pending', retry_at = $2
          WHERE id = $1 AND status <> 'processed'",
     )
-        .bind(id)
-        .bind(retry_at)
-        .execute(db)
-        .await?;
+    .bind(id)
+    .bind(retry_at)
+    .execute(db)
+    .await?;
     Ok(())
 }
 

@@ -316,6 +316,7 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
     assert!(status.success(), "ingest exit status {status}");
 }
 
+mod enterprise;
 mod operators;
 mod ordering;
 mod recovery;

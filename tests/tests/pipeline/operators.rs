@@ -87,7 +87,7 @@ async fn an_event_whose_organization_never_resolves_dies_and_replays_once_the_ca
     let listed = json(&stdout);
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed[0]["id"], id);
-    assert_eq!(listed[0]["status"], "dead");
+    assert_eq!(listed[0]["kind"], "event");
     assert_eq!(listed[0]["last_error"], reason.as_str());
     let (code, stdout, _) = p.worker_command(&["dead-letters", "list"]).await;
     assert_eq!(code, 0);
@@ -209,7 +209,7 @@ async fn transient_failures_are_retried_until_max_attempts_then_replay_all_appli
     assert_eq!(code, 0, "{stdout}{stderr}");
     let replayed = json(&stdout);
     assert_eq!(replayed.as_array().map(Vec::len), Some(1), "{replayed}");
-    assert_eq!(replayed[0]["event_id"], id);
+    assert_eq!(replayed[0]["id"], id);
     assert_eq!(replayed[0]["decision"], "refetched");
     let (_, billing) = p.client.billing(&customer.organization_id).await;
     assert_eq!(billing["plan_status"], "past_due", "{billing}");
