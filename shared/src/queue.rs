@@ -81,12 +81,27 @@ pub fn events_queue_name(prefix: &str) -> String {
     format!("{prefix}:apply-event-v1")
 }
 
-/// The apalis storage configuration of the event queue, the same on both sides.
-pub fn events_storage_config(prefix: &str) -> apalis_redis::Config {
+/// The apalis storage configuration of a queue, the same on both sides.
+fn storage_config(queue_name: String) -> apalis_redis::Config {
     apalis_redis::Config::default()
-        .queue(events_queue_name(prefix))
+        .queue(queue_name)
         .heartbeat_interval(HEARTBEAT_INTERVAL)
         .missed_heartbeats(MISSED_HEARTBEATS)
+}
+
+/// Awaits a push within [`REDIS_TIMEOUT`].
+async fn within_timeout<E: std::fmt::Display>(
+    push: impl Future<Output = Result<(), E>>,
+) -> Result<(), QueueError> {
+    tokio::time::timeout(REDIS_TIMEOUT, push)
+        .await
+        .map_err(|_| QueueError::Timeout(REDIS_TIMEOUT))?
+        .map_err(|e| QueueError::Push(e.to_string()))
+}
+
+/// The apalis storage configuration of the event queue, the same on both sides.
+pub fn events_storage_config(prefix: &str) -> apalis_redis::Config {
+    storage_config(events_queue_name(prefix))
 }
 
 /// The producing side of the event queue.
@@ -158,11 +173,7 @@ impl EventQueue {
                 event_id: (*id).to_owned(),
             })
             .collect();
-        let mut storage = self.storage.clone();
-        tokio::time::timeout(REDIS_TIMEOUT, storage.push_bulk(jobs))
-            .await
-            .map_err(|_| QueueError::Timeout(REDIS_TIMEOUT))?
-            .map_err(|e| QueueError::Push(e.to_string()))
+        within_timeout(self.storage.clone().push_bulk(jobs)).await
     }
 }
 
@@ -173,10 +184,7 @@ pub fn emails_queue_name(prefix: &str) -> String {
 
 /// The apalis storage configuration of the email queue, the same on both sides.
 pub fn emails_storage_config(prefix: &str) -> apalis_redis::Config {
-    apalis_redis::Config::default()
-        .queue(emails_queue_name(prefix))
-        .heartbeat_interval(HEARTBEAT_INTERVAL)
-        .missed_heartbeats(MISSED_HEARTBEATS)
+    storage_config(emails_queue_name(prefix))
 }
 
 /// The producing side of the email queue: ingest after committing an outbox row, the
@@ -208,10 +216,6 @@ impl EmailQueue {
             .iter()
             .map(|&outbox_id| SendEmailV1 { outbox_id })
             .collect();
-        let mut storage = self.storage.clone();
-        tokio::time::timeout(REDIS_TIMEOUT, storage.push_bulk(jobs))
-            .await
-            .map_err(|_| QueueError::Timeout(REDIS_TIMEOUT))?
-            .map_err(|e| QueueError::Push(e.to_string()))
+        within_timeout(self.storage.clone().push_bulk(jobs)).await
     }
 }

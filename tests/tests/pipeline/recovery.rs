@@ -92,20 +92,44 @@ async fn assert_everything_applied_once(p: &Pipeline, total: i64, expected: &Exp
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_stream_loses_nothing_and_applies_each_event_once() {
+/// A pipeline in the middle of applying a stream of lifecycles.
+struct Stream {
+    p: Pipeline,
+    sender: tokio::task::JoinHandle<Vec<u16>>,
+    total: i64,
+    expected: Expected,
+}
+
+/// Starts a pipeline and a stream of 12 lifecycles, and returns once the worker has applied
+/// some of it.
+async fn stream_under_way() -> Stream {
     let mut p = Pipeline::start(FAST_RECOVERY).await;
     p.start_worker();
     let (streams, expected) = lifecycles(12);
     let total = streams.iter().map(Vec::len).sum::<usize>() as i64;
     let sender = deliver_in_background(p.client.clone(), streams, Duration::from_millis(40));
-
     eventually(
         Duration::from_secs(20),
         "the worker to apply events",
         || async { (processed(&p).await >= 10).then_some(()) },
     )
     .await;
+    Stream {
+        p,
+        sender,
+        total,
+        expected,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_loses_nothing_and_applies_each_event_once() {
+    let Stream {
+        mut p,
+        sender,
+        total,
+        expected,
+    } = stream_under_way().await;
     p.worker.as_mut().expect("worker").kill();
     let applied_before_the_kill = processed(&p).await;
     p.start_worker();
@@ -121,18 +145,12 @@ async fn a_worker_killed_mid_stream_loses_nothing_and_applies_each_event_once() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emptying_redis_mid_stream_loses_nothing() {
-    let mut p = Pipeline::start(FAST_RECOVERY).await;
-    p.start_worker();
-    let (streams, expected) = lifecycles(12);
-    let total = streams.iter().map(Vec::len).sum::<usize>() as i64;
-    let sender = deliver_in_background(p.client.clone(), streams, Duration::from_millis(40));
-
-    eventually(
-        Duration::from_secs(20),
-        "the worker to apply events",
-        || async { (processed(&p).await >= 10).then_some(()) },
-    )
-    .await;
+    let Stream {
+        mut p,
+        sender,
+        total,
+        expected,
+    } = stream_under_way().await;
     let deleted = p.queue.flush();
     assert!(deleted > 0, "the queue's keys existed and were deleted");
     let applied_before_the_flush = processed(&p).await;
