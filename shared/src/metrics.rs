@@ -27,6 +27,8 @@ pub const EVENT_FAILURES: &str = "billing_event_failures_total";
 pub const DEAD_LETTERS: &str = "billing_dead_letters_total";
 /// Inbox rows by `status` (`pending`, `deferred`, `dead`), refreshed by the sweeper.
 pub const INBOX_EVENTS: &str = "billing_inbox_events";
+/// Outbox emails by `status` (`pending`, `dead`), refreshed by the sweeper.
+pub const OUTBOX_EMAILS: &str = "billing_outbox_emails";
 /// Jobs waiting in Redis, by `queue`, refreshed by the sweeper.
 pub const QUEUE_DEPTH: &str = "billing_queue_depth";
 /// Jobs the sweeper enqueued again (lost, or due after a failure or deferral).

@@ -104,35 +104,29 @@ pub fn events_storage_config(prefix: &str) -> apalis_redis::Config {
     storage_config(events_queue_name(prefix))
 }
 
-/// The producing side of the event queue.
+/// What the producing sides share besides the storage: the queue's keys and a connection,
+/// for the gauges and the clean-up apalis-redis does not do.
 #[derive(Debug, Clone)]
-pub struct EventQueue {
-    storage: RedisStorage<ApplyEventV1>,
-    config: apalis_redis::Config,
+struct Housekeeping {
     name: String,
+    config: apalis_redis::Config,
     conn: ConnectionManager,
 }
 
-impl EventQueue {
-    /// The event queue of `prefix` on `conn`.
-    pub fn new(conn: ConnectionManager, prefix: &str) -> EventQueue {
-        let config = events_storage_config(prefix);
-        EventQueue {
-            storage: RedisStorage::new(conn.clone()).with_config(config.clone()),
-            config,
-            name: events_queue_name(prefix),
+/// Finished jobs are kept this long in Redis. apalis-redis 1.0 also deletes jobs waiting for
+/// a retry when asked for a shorter age, so it is at least a day.
+const KEEP_FINISHED: Duration = Duration::from_secs(86_400);
+
+impl Housekeeping {
+    fn new(conn: ConnectionManager, name: String) -> Housekeeping {
+        Housekeeping {
+            config: storage_config(name.clone()),
+            name,
             conn,
         }
     }
 
-    /// The queue's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Jobs waiting to run: the `active` list plus the `scheduled` set, where apalis-redis
-    /// puts new and retried jobs.
-    pub async fn depth(&self) -> Result<u64, QueueError> {
+    async fn depth(&self) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
         let (active, scheduled): (u64, u64) = redis::pipe()
             .cmd("LLEN")
@@ -144,17 +138,89 @@ impl EventQueue {
         Ok(active + scheduled)
     }
 
-    /// Deletes the data of jobs that finished more than `age` ago (apalis keeps them
-    /// forever). apalis-redis 1.0 also deletes jobs waiting for a retry when asked for a
-    /// shorter age, so `age` is at least a day.
-    pub async fn vacuum_finished(&self, age: Duration) -> Result<usize, QueueError> {
-        let mut storage = self.storage.clone();
-        apalis_core::backend::Vacuum::vacuum_before(
-            &mut storage,
-            age.max(Duration::from_secs(86_400)),
-        )
-        .await
-        .map_err(|e| QueueError::Push(e.to_string()))
+    /// Runs apalis' `vacuum_before` (which deletes the data of jobs finished before
+    /// [`KEEP_FINISHED`] but leaves their ids in the `done` set), then removes from the `done`
+    /// set the ids whose data is gone. Returns how many jobs were removed.
+    async fn vacuum<S>(&self, storage: &S) -> Result<usize, QueueError>
+    where
+        S: apalis_core::backend::Vacuum + Clone,
+        S::Error: std::fmt::Display,
+    {
+        let mut storage = storage.clone();
+        let vacuumed = storage
+            .vacuum_before(KEEP_FINISHED)
+            .await
+            .map_err(|e| QueueError::Push(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let done = self.config.done_jobs_set();
+        let meta = self.config.job_meta_hash();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(&done)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !ids.is_empty() {
+                let mut exists = redis::pipe();
+                for id in &ids {
+                    exists.cmd("EXISTS").arg(format!("{meta}:{id}"));
+                }
+                let kept: Vec<bool> = exists.query_async(&mut conn).await?;
+                let gone: Vec<&String> = ids
+                    .iter()
+                    .zip(kept)
+                    .filter_map(|(id, kept)| (!kept).then_some(id))
+                    .collect();
+                if !gone.is_empty() {
+                    redis::cmd("SREM")
+                        .arg(&done)
+                        .arg(gone)
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                }
+            }
+            if next == 0 {
+                return Ok(vacuumed);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// The producing side of the event queue.
+#[derive(Debug, Clone)]
+pub struct EventQueue {
+    storage: RedisStorage<ApplyEventV1>,
+    housekeeping: Housekeeping,
+}
+
+impl EventQueue {
+    /// The event queue of `prefix` on `conn`.
+    pub fn new(conn: ConnectionManager, prefix: &str) -> EventQueue {
+        EventQueue {
+            storage: RedisStorage::new(conn.clone()).with_config(events_storage_config(prefix)),
+            housekeeping: Housekeeping::new(conn, events_queue_name(prefix)),
+        }
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.housekeeping.name
+    }
+
+    /// Jobs waiting to run: the `active` list plus the `scheduled` set, where apalis-redis
+    /// puts new and retried jobs.
+    pub async fn depth(&self) -> Result<u64, QueueError> {
+        self.housekeeping.depth().await
+    }
+
+    /// Deletes what Redis keeps of jobs that finished more than a day ago (apalis keeps it
+    /// forever); returns how many.
+    pub async fn vacuum_finished(&self) -> Result<usize, QueueError> {
+        self.housekeeping.vacuum(&self.storage).await
     }
 
     /// The apalis storage, for the consuming worker.
@@ -192,14 +258,31 @@ pub fn emails_storage_config(prefix: &str) -> apalis_redis::Config {
 #[derive(Debug, Clone)]
 pub struct EmailQueue {
     storage: RedisStorage<SendEmailV1>,
+    housekeeping: Housekeeping,
 }
 
 impl EmailQueue {
     /// The email queue of `prefix` on `conn`.
     pub fn new(conn: ConnectionManager, prefix: &str) -> EmailQueue {
         EmailQueue {
-            storage: RedisStorage::new(conn).with_config(emails_storage_config(prefix)),
+            storage: RedisStorage::new(conn.clone()).with_config(emails_storage_config(prefix)),
+            housekeeping: Housekeeping::new(conn, emails_queue_name(prefix)),
         }
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.housekeeping.name
+    }
+
+    /// See [`EventQueue::depth`].
+    pub async fn depth(&self) -> Result<u64, QueueError> {
+        self.housekeeping.depth().await
+    }
+
+    /// See [`EventQueue::vacuum_finished`].
+    pub async fn vacuum_finished(&self) -> Result<usize, QueueError> {
+        self.housekeeping.vacuum(&self.storage).await
     }
 
     /// The apalis storage, for the consuming worker.
@@ -217,5 +300,64 @@ impl EmailQueue {
             .map(|&outbox_id| SendEmailV1 { outbox_id })
             .collect();
         within_timeout(self.storage.clone().push_bulk(jobs)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `TEST_REDIS_URL`, or the machine's Redis.
+    fn redis_url() -> String {
+        std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    #[tokio::test]
+    async fn vacuum_forgets_done_ids_whose_job_data_is_gone_and_keeps_the_rest() {
+        let prefix = format!("unit-{}", uuid::Uuid::new_v4().simple());
+        let conn = connect(&QueueConfig {
+            redis_url: redis_url(),
+            prefix: prefix.clone(),
+        })
+        .await
+        .expect("redis");
+        let queue = EventQueue::new(conn.clone(), &prefix);
+        let keys = &queue.housekeeping.config;
+        let (done, meta) = (keys.done_jobs_set(), keys.job_meta_hash());
+        let mut c = conn.clone();
+        // A job finished just now keeps its metadata; one vacuumed earlier left only its id.
+        let now = chrono::Utc::now().timestamp();
+        redis::pipe()
+            .cmd("SADD")
+            .arg(&done)
+            .arg(&["recent", "vacuumed"])
+            .cmd("HSET")
+            .arg(format!("{meta}:recent"))
+            .arg(&["status", "Done", "done_at", &now.to_string()])
+            .query_async::<()>(&mut c)
+            .await
+            .expect("seed");
+
+        queue.vacuum_finished().await.expect("vacuum");
+        let mut left: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&done)
+            .query_async(&mut c)
+            .await
+            .expect("members");
+        left.sort();
+        assert_eq!(left, ["recent"]);
+
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut c)
+            .await
+            .expect("keys");
+        if !keys.is_empty() {
+            redis::cmd("DEL")
+                .arg(keys)
+                .query_async::<()>(&mut c)
+                .await
+                .expect("clean up");
+        }
     }
 }

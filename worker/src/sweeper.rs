@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shared::db::{email_outbox, webhook_events};
-use shared::metrics::{INBOX_EVENTS, QUEUE_DEPTH, SWEPT};
+use shared::metrics::{INBOX_EVENTS, OUTBOX_EMAILS, QUEUE_DEPTH, SWEPT};
 use shared::queue::{EmailQueue, EventQueue};
 use sqlx::PgPool;
 
@@ -24,8 +24,6 @@ use sqlx::PgPool;
 const BATCH: i64 = 500;
 /// How often finished jobs are deleted from Redis.
 const VACUUM_EVERY: Duration = Duration::from_secs(3600);
-/// How long finished jobs stay in Redis.
-const KEEP_FINISHED: Duration = Duration::from_secs(86_400);
 
 /// When the sweeper runs.
 #[derive(Debug, Clone, Copy)]
@@ -72,13 +70,21 @@ pub async fn run(
                 ),
             }
         }
-        if let Err(e) = refresh_gauges(&pool, &queue).await {
+        if let Err(e) = refresh_gauges(&pool, &queue, &email_queue).await {
             tracing::debug!(error = format!("{e:#}"), "backlog gauges not refreshed");
         }
         if last_vacuum.is_none_or(|at| at.elapsed() >= VACUUM_EVERY) {
-            match queue.vacuum_finished(KEEP_FINISHED).await {
-                Ok(removed) => tracing::debug!(removed, "finished jobs vacuumed from Redis"),
-                Err(e) => tracing::warn!(error = %e, "vacuuming finished jobs failed"),
+            let vacuums = [
+                (queue.name(), queue.vacuum_finished().await),
+                (email_queue.name(), email_queue.vacuum_finished().await),
+            ];
+            for (name, vacuum) in vacuums {
+                match vacuum {
+                    Ok(removed) => tracing::debug!(queue = name, removed, "finished jobs vacuumed"),
+                    Err(e) => {
+                        tracing::warn!(queue = name, error = %e, "vacuuming finished jobs failed")
+                    }
+                }
             }
             last_vacuum = Some(Instant::now());
         }
@@ -146,7 +152,11 @@ where
     }
 }
 
-async fn refresh_gauges(pool: &PgPool, queue: &EventQueue) -> anyhow::Result<()> {
+async fn refresh_gauges(
+    pool: &PgPool,
+    queue: &EventQueue,
+    email_queue: &EmailQueue,
+) -> anyhow::Result<()> {
     let counts = webhook_events::count_unfinished(pool).await?;
     for status in ["pending", "deferred", "dead"] {
         let count = counts
@@ -155,7 +165,15 @@ async fn refresh_gauges(pool: &PgPool, queue: &EventQueue) -> anyhow::Result<()>
             .map_or(0, |(_, n)| *n);
         metrics::gauge!(INBOX_EVENTS, "status" => status).set(count as f64);
     }
-    let depth = queue.depth().await?;
-    metrics::gauge!(QUEUE_DEPTH, "queue" => queue.name().to_owned()).set(depth as f64);
+    for (status, count) in email_outbox::count_unsent(pool).await? {
+        metrics::gauge!(OUTBOX_EMAILS, "status" => status.as_str()).set(count as f64);
+    }
+    let depths = [
+        (queue.name(), queue.depth().await?),
+        (email_queue.name(), email_queue.depth().await?),
+    ];
+    for (name, depth) in depths {
+        metrics::gauge!(QUEUE_DEPTH, "queue" => name.to_owned()).set(depth as f64);
+    }
     Ok(())
 }

@@ -249,3 +249,19 @@ pub async fn reset_for_replay<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<b
     .await?;
     Ok(result.rows_affected() == 1)
 }
+
+/// How many emails are pending and dead (zero included), for the gauges.
+pub async fn count_unsent<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<(OutboxStatus, i64)>, sqlx::Error> {
+    let (pending, dead): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead')
+         FROM email_outbox WHERE status IN ('pending', 'dead')",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(vec![
+        (OutboxStatus::Pending, pending),
+        (OutboxStatus::Dead, dead),
+    ])
+}
