@@ -248,6 +248,27 @@ pub fn apply_change(current: &BillingState, change: &BillingChange) -> Outcome {
     }
 }
 
+/// What an older subscription snapshot may still supply: the plan and period end a state set
+/// by an invoice lacks (an invoice carries neither), for that same subscription. Status and
+/// everything else stay with the newer event. `None` when there is nothing to fill in.
+pub fn fill_in(current: &BillingState, older: &BillingChange) -> Option<BillingState> {
+    let BillingChange::Subscription(snapshot) = older else {
+        return None;
+    };
+    if current.subscription_id.is_none() || current.subscription_id != snapshot.subscription_id {
+        return None;
+    }
+    let plan = current.plan.clone().or_else(|| snapshot.plan.clone());
+    let current_period_end = current.current_period_end.or(snapshot.current_period_end);
+    (plan != current.plan || current_period_end != current.current_period_end).then(|| {
+        BillingState {
+            plan,
+            current_period_end,
+            ..current.clone()
+        }
+    })
+}
+
 /// Why an invoice event cannot change this state, if it cannot.
 fn invoice_mismatch(current: &BillingState, invoice_subscription: &str) -> Option<&'static str> {
     match &current.subscription_id {
@@ -502,6 +523,49 @@ mod tests {
         assert!(
             tie_prefers(Active, Active),
             "equal rank: the newer snapshot replaces"
+        );
+    }
+
+    #[test]
+    fn an_older_snapshot_fills_in_only_what_an_invoice_left_missing() {
+        let period_end = DateTime::from_timestamp(1_800_000_000, 0);
+        let from_invoice = BillingState {
+            plan: Option::None,
+            ..state(Active, Some("sub_1"))
+        };
+        let older = BillingChange::Subscription(BillingState {
+            plan_status: Incomplete,
+            current_period_end: period_end,
+            ..state(Incomplete, Some("sub_1"))
+        });
+        let filled = fill_in(&from_invoice, &older).expect("fills in");
+        assert_eq!(filled.plan.as_deref(), Some("premium"));
+        assert_eq!(filled.current_period_end, period_end);
+        assert_eq!(filled.plan_status, Active, "the newer status stays");
+
+        let complete = BillingState {
+            current_period_end: period_end,
+            ..state(Active, Some("sub_1"))
+        };
+        assert_eq!(fill_in(&complete, &older), Option::None, "nothing missing");
+        let other = BillingState {
+            plan: Option::None,
+            ..state(Active, Some("sub_2"))
+        };
+        assert_eq!(
+            fill_in(&other, &older),
+            Option::None,
+            "another subscription"
+        );
+        let lifetime = apply_change(&state(None, Option::None), &BillingChange::LifetimePurchase);
+        let Outcome::Changed(lifetime) = lifetime else {
+            panic!("a lifetime purchase applies");
+        };
+        assert_eq!(fill_in(&lifetime, &older), Option::None, "no subscription");
+        assert_eq!(
+            fill_in(&from_invoice, &paid(100)),
+            Option::None,
+            "not a snapshot"
         );
     }
 }

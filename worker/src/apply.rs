@@ -372,10 +372,23 @@ async fn decide(
     let (decision, outcome) =
         match billing::precedence(stored.stripe_created, org.state_event_created) {
             Precedence::Newer => (Decision::Applied, billing::apply_change(&current, &change)),
-            Precedence::Older => (
-                Decision::Stale,
-                Outcome::Unchanged("older than the event behind the stored state"),
-            ),
+            Precedence::Older => {
+                let reason = match billing::fill_in(&current, &change) {
+                    Some(filled) => {
+                        organizations::fill_in_details(
+                            &mut **tx,
+                            &org.id,
+                            filled.plan.as_deref(),
+                            filled.current_period_end,
+                        )
+                        .await?;
+                        "older than the event behind the stored state; it filled in the plan \
+                         and period end that state lacked"
+                    }
+                    None => "older than the event behind the stored state",
+                };
+                (Decision::Stale, Outcome::Unchanged(reason))
+            }
             Precedence::Tie => settle_tie(deps, &current, &change).await?,
         };
     match outcome {

@@ -167,6 +167,26 @@ pub async fn set_billing_state<'e>(
     Ok(())
 }
 
+/// Fills in the plan and period end from an older snapshot ([`crate::billing::fill_in`]),
+/// leaving the status and the event the state came from as they are.
+pub async fn fill_in_details<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+    plan: Option<&str>,
+    current_period_end: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE organizations SET plan = $2, current_period_end = $3, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(plan)
+    .bind(current_period_end)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// The id of the organization linked to a Stripe customer, if any.
 pub async fn owner_of_customer<'e>(
     db: impl PgExecutor<'e>,
