@@ -3,6 +3,7 @@
 //! Stripe API call and no business logic on the request path.
 
 pub mod auth;
+pub mod batcher;
 pub mod error;
 pub mod routes;
 
@@ -13,8 +14,9 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use secrecy::SecretString;
-use shared::queue::EventQueue;
 use sqlx::PgPool;
+
+use crate::batcher::Batcher;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -24,8 +26,8 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     /// Postgres.
     pub pool: PgPool,
-    /// The event queue.
-    pub queue: EventQueue,
+    /// The inbox's group commit (it also enqueues the new events).
+    pub batcher: Batcher,
     /// A Redis connection for readiness checks.
     pub redis: apalis_redis::ConnectionManager,
     /// Webhook endpoint secrets, any of which may sign.

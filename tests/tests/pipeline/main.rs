@@ -317,3 +317,4 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
 }
 
 mod ordering;
+mod load;
