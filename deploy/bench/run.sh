@@ -10,7 +10,11 @@
 #
 # Quick run: BENCH_SECONDS=5 BACKLOG=10000 deploy/bench/run.sh
 # Knobs: BENCH_SECONDS (30), BACKLOG (100000), BENCH_CONNECTIONS (64), BENCH_OPEN_RATE (1000),
-# BENCH_LAG_RATE (500), WORKER_CONCURRENCY (worker default), INGEST_DB_POOL (16).
+# BENCH_LAG_RATE (500), WORKER_CONCURRENCY (worker default), INGEST_DB_POOL (16),
+# BENCH_DB_TRANSPORT (`unix`, the default: Postgres' Unix socket; or `tcp`: 127.0.0.1:5432).
+# Why unix by default: sqlx 0.9.0 does not set TCP_NODELAY (transact-rs/sqlx#4335, fixed after
+# 0.9.0 by #4336), so a multi-row insert bigger than the socket's send buffer waits ~40 ms for a
+# delayed ACK on TCP. See BENCHMARKS.md for both transports.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 deploy/ensure-services.sh
@@ -23,7 +27,11 @@ lag_rate="${BENCH_LAG_RATE:-500}"
 admin_url="postgres://postgres@127.0.0.1:5432/postgres"
 ingest_addr="127.0.0.1:18080"
 
-export DATABASE_URL="postgres://postgres@127.0.0.1:5432/billing_bench"
+case "${BENCH_DB_TRANSPORT:-unix}" in
+  unix) export DATABASE_URL="postgres://postgres@localhost/billing_bench?host=/var/run/postgresql" ;;
+  tcp) export DATABASE_URL="postgres://postgres@127.0.0.1:5432/billing_bench" ;;
+  *) echo "BENCH_DB_TRANSPORT is unix or tcp" >&2; exit 2 ;;
+esac
 export REDIS_URL="redis://127.0.0.1:6379"
 export QUEUE_PREFIX="bench-$$"
 export STRIPE_WEBHOOK_SECRET="whsec_bench_only_secret"
@@ -99,7 +107,9 @@ cat > "$out/insert.sql" <<'SQL'
 INSERT INTO bench_inbox (id, payload) SELECT 'evt_pg_' || gen_random_uuid(), payload FROM bench_body;
 SQL
 psql "$DATABASE_URL" -qc "CHECKPOINT"
-pgbench -n -c 64 -j 2 -T "$seconds" -f "$out/insert.sql" "$DATABASE_URL" > "$out/pgbench.txt" 2>&1
+pgbench_target=(-U postgres -h /var/run/postgresql billing_bench)
+if [ "${BENCH_DB_TRANSPORT:-unix}" = tcp ]; then pgbench_target=(-U postgres -h 127.0.0.1 billing_bench); fi
+pgbench -n -c 64 -j 2 -T "$seconds" -f "$out/insert.sql" "${pgbench_target[@]}" > "$out/pgbench.txt" 2>&1
 cat "$out/pgbench.txt"
 pg_tps=$(awk '/^tps = / { printf "%.0f", $3 }' "$out/pgbench.txt")
 pg_latency=$(awk '/^latency average/ { print $4 }' "$out/pgbench.txt")
@@ -134,7 +144,11 @@ worker_pid=$!
 $bin/worker-bench drain --events "$backlog" --json > "$out/drain.json"
 worker_rss_drain=$(peak_rss_mb "$worker_pid")
 jq . "$out/drain.json"
+# The worker stops before the reset: deleting its queue's keys would unregister it.
+kill -TERM "$worker_pid"; wait "$worker_pid" || true; worker_pid=""
 reset_inbox
+METRICS_ADDR=127.0.0.1:19101 $bin/worker run 2>> "$out/worker.log" &
+worker_pid=$!
 
 say "5. end-to-end lag at ${lag_rate}/s for ${seconds} s (ingest + worker)"
 peak_rss_mb "$ingest_pid" >/dev/null
@@ -144,7 +158,7 @@ ingest_rss_lag=$(peak_rss_mb "$ingest_pid")
 worker_rss_lag=$(peak_rss_mb "$worker_pid")
 jq . "$out/lag.json"
 
-say "summary ($(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo), $(psql "$admin_url" -tAc 'SHOW server_version'); generator, Postgres, Redis, ingest and worker share the cores)"
+say "summary (Postgres over ${BENCH_DB_TRANSPORT:-unix}; $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo), $(psql "$admin_url" -tAc 'SHOW server_version'); generator, Postgres, Redis, ingest and worker share the cores)"
 j() { jq -r "$2" "$out/$1.json"; }
 {
   printf '| measurement | result | target |\n|---|---|---|\n'

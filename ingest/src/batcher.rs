@@ -149,17 +149,21 @@ async fn collect(
             break;
         }
         let (pool, queue) = (pool.clone(), queue.clone());
-        in_flight.spawn(async move {
-            write(batch, &pool, &queue).await;
-            drop(permit);
-        });
+        in_flight.spawn(async move { write(batch, &pool, &queue, permit).await });
         while in_flight.try_join_next().is_some() {}
     }
     while in_flight.join_next().await.is_some() {}
 }
 
-/// Inserts one batch, enqueues its new ids, then answers each request.
-async fn write(batch: Vec<Request>, pool: &PgPool, queue: &EventQueue) {
+/// Inserts one batch, enqueues its new ids, then answers each request. The writer permit is
+/// released as soon as the insert returns: the Redis push needs no database connection, and
+/// the next batch's insert may overlap it.
+async fn write(
+    batch: Vec<Request>,
+    pool: &PgPool,
+    queue: &EventQueue,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     ::metrics::histogram!(INGEST_BATCH_EVENTS).record(batch.len() as f64);
     // The first occurrence of each id is inserted; repeats can only be duplicates.
     let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
@@ -170,7 +174,9 @@ async fn write(batch: Vec<Request>, pool: &PgPool, queue: &EventQueue) {
             n
         });
     }
-    let outcome = match webhook_events::insert_many(pool, &unique).await {
+    let inserted = webhook_events::insert_many(pool, &unique).await;
+    drop(permit);
+    let outcome = match inserted {
         Ok(new_ids) => {
             let ids: Vec<&str> = new_ids.iter().map(String::as_str).collect();
             if let Err(e) = queue.push(&ids).await {
