@@ -109,10 +109,7 @@ impl BodyFactory {
     pub fn body(&self, seq: u64) -> Vec<u8> {
         let template = &self.templates[(seq % self.templates.len() as u64) as usize];
         let mut bytes = template.bytes.clone();
-        write_digits(
-            &mut bytes[template.id_at..template.id_at + ID_DIGITS],
-            seq,
-        );
+        write_digits(&mut bytes[template.id_at..template.id_at + ID_DIGITS], seq);
         bytes
     }
 
@@ -124,10 +121,7 @@ impl BodyFactory {
     /// Smallest and largest body, in bytes.
     pub fn size_range(&self) -> (usize, usize) {
         let sizes = self.templates.iter().map(|t| t.bytes.len());
-        (
-            sizes.clone().min().unwrap_or(0),
-            sizes.max().unwrap_or(0),
-        )
+        (sizes.clone().min().unwrap_or(0), sizes.max().unwrap_or(0))
     }
 }
 
@@ -143,8 +137,7 @@ fn object_of(customer: &Customer, kind: &str, created: i64) -> Value {
         }
         _ => {
             let paid = kind == "invoice.paid";
-            let mut invoice =
-                customer.invoice(if paid { 2000 } else { 0 }, "subscription_cycle");
+            let mut invoice = customer.invoice(if paid { 2000 } else { 0 }, "subscription_cycle");
             invoice["parent"]["subscription_details"]["metadata"] = organization;
             invoice
         }

@@ -109,7 +109,9 @@ pub async fn decided_lags<'e>(
 }
 
 /// Inbox rows by status (load-test progress).
-pub async fn count_by_status<'e>(db: impl PgExecutor<'e>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub async fn count_by_status<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as("SELECT status, count(*) FROM webhook_events GROUP BY status ORDER BY status")
         .fetch_all(db)
         .await

@@ -70,7 +70,12 @@ struct Common {
     #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
     url: String,
     /// Endpoint secret to sign with (the first of a comma-separated list).
-    #[arg(long, global = true, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "STRIPE_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
     secret: Option<String>,
     /// How long to send.
     #[arg(long, global = true, default_value_t = 10.0)]
@@ -79,7 +84,12 @@ struct Common {
     #[arg(long, global = true, default_value_t = 500)]
     customers: usize,
     /// Postgres URL of ingest's database: check that every accepted event is stored.
-    #[arg(long, global = true, env = "LOADGEN_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "LOADGEN_DATABASE_URL",
+        hide_env_values = true
+    )]
     database_url: Option<String>,
     /// Also wait up to this many seconds for the worker to decide every accepted event and
     /// report the lag (needs --database-url and a running worker).
@@ -155,7 +165,10 @@ impl Connection {
         let signature = shared::signature::header_for(&body, &target.secret, unix_now());
         let request = hyper::Request::post(target.uri.clone())
             .header(hyper::header::HOST, target.authority.as_str())
-            .header(hyper::header::CONTENT_TYPE, "application/json; charset=utf-8")
+            .header(
+                hyper::header::CONTENT_TYPE,
+                "application/json; charset=utf-8",
+            )
             .header("stripe-signature", signature)
             .body(Full::new(Bytes::from(body)))
             .map_err(|_| "request".to_owned())?;

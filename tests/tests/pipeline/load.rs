@@ -18,7 +18,14 @@ async fn a_short_load_run_has_no_errors_and_every_accepted_event_is_stored() {
         .args(["--url", &p.client.base_url])
         .args(["--secret", WEBHOOK_SECRET])
         .args(["--database-url", &p.db.url])
-        .args(["--seconds", "2", "--customers", "20", "--json", "--fail-on-error"])
+        .args([
+            "--seconds",
+            "2",
+            "--customers",
+            "20",
+            "--json",
+            "--fail-on-error",
+        ])
         .args(["closed", "--connections", "4"])
         .output()
         .await

@@ -316,5 +316,5 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
     assert!(status.success(), "ingest exit status {status}");
 }
 
-mod ordering;
 mod load;
+mod ordering;
