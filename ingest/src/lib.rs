@@ -4,6 +4,7 @@
 //! Stripe API call and no business logic on the request path.
 
 pub mod auth;
+pub mod batcher;
 pub mod error;
 pub mod routes;
 
@@ -14,8 +15,10 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use secrecy::SecretString;
-use shared::queue::{EmailQueue, EventQueue};
+use shared::queue::EmailQueue;
 use sqlx::PgPool;
+
+use crate::batcher::Batcher;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -25,8 +28,8 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     /// Postgres.
     pub pool: PgPool,
-    /// The event queue.
-    pub queue: EventQueue,
+    /// The inbox's group commit (it also enqueues the new events).
+    pub batcher: Batcher,
     /// The email queue.
     pub emails: EmailQueue,
     /// A Redis connection for readiness checks.

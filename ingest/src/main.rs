@@ -21,9 +21,14 @@ async fn main() -> anyhow::Result<()> {
     let redis = shared::queue::connect(&config.queue)
         .await
         .context("connecting to Redis (REDIS_URL)")?;
+    let (batcher, batcher_task) = ingest::batcher::Batcher::start(
+        pool.clone(),
+        shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix),
+        ingest::batcher::BatcherSettings::default(),
+    );
     let state = ingest::AppState::new(ingest::Inner {
         pool,
-        queue: shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix),
+        batcher,
         emails: shared::queue::EmailQueue::new(redis.clone(), &config.queue.prefix),
         redis,
         webhook_secrets: config.webhook_secrets,
@@ -38,6 +43,8 @@ async fn main() -> anyhow::Result<()> {
     ingest::run(api, state, stop.wait())
         .await
         .context("serving the API")?;
+    // The server and its state are gone: the batcher writes what is left, then ends.
+    batcher_task.await.context("inbox batcher task")?;
     metrics_server
         .await
         .context("metrics server task")?

@@ -17,6 +17,8 @@ pub const ENTERPRISE_REQUESTS: &str = "billing_enterprise_requests_total";
 /// Outbox emails handled by the worker, by `outcome` (`sent`, `already_done`, `not_due`,
 /// `retry_scheduled`, `dead`, `failed`).
 pub const EMAILS: &str = "billing_emails_total";
+/// Events per group commit of ingest's inbox writer.
+pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.
 pub const WEBHOOK_DURATION: &str = "billing_webhook_duration_seconds";
 /// Events decided by the worker, by `decision`.
@@ -41,6 +43,7 @@ pub const EVENT_LAG: &str = "billing_event_lag_seconds";
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 const LAG_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
@@ -52,6 +55,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Full(WEBHOOK_DURATION.into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(APPLY_DURATION.into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(EVENT_LAG.into()), LAG_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(INGEST_BATCH_EVENTS.into()), BATCH_BUCKETS)?
         .install_recorder()?;
     let upkeep = handle.clone();
     tokio::spawn(async move {

@@ -3,32 +3,36 @@
 //! The answer is 200 only after the inbox row is committed. A duplicate delivery (same event
 //! id) answers 200 too but changes nothing and is not enqueued again. If only the Redis push
 //! fails the event is safe in Postgres, so the answer is still 200 and the sweeper enqueues it.
+//! Storing and enqueueing go through the group commit of [`crate::batcher`].
 
+use std::borrow::Cow;
 use std::time::Instant;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
-use serde_json::{Value, json};
-use shared::db::webhook_events::{self, NewEvent};
-use shared::metrics::{ENQUEUE_FAILURES, WEBHOOK_DURATION, WEBHOOKS_RECEIVED};
+use axum::response::{IntoResponse, Response};
+use shared::metrics::{WEBHOOK_DURATION, WEBHOOKS_RECEIVED};
 use shared::signature;
 use shared::stripe::{EventEnvelope, timestamp};
 
 use crate::AppState;
+use crate::batcher::VerifiedEvent;
 use crate::error::ApiError;
 
 /// The header Stripe signs with.
 const SIGNATURE_HEADER: &str = "stripe-signature";
+
+/// The success answer, the same bytes every time (not re-serialized per request).
+const RECEIVED: &str = r#"{"received":true}"#;
 
 /// Handles one delivery.
 pub async fn receive(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let result = store_and_enqueue(&state, &headers, body).await;
     let outcome = match &result {
@@ -41,7 +45,13 @@ pub async fn receive(
     };
     ::metrics::counter!(WEBHOOKS_RECEIVED, "outcome" => outcome).increment(1);
     ::metrics::histogram!(WEBHOOK_DURATION).record(started.elapsed().as_secs_f64());
-    result.map(|_| Json(json!({ "received": true })))
+    result.map(|_| {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            RECEIVED,
+        )
+            .into_response()
+    })
 }
 
 /// `Ok(true)` when the event was new, `Ok(false)` for a duplicate.
@@ -70,22 +80,15 @@ async fn store_and_enqueue(
         serde_json::from_slice(&body).map_err(|e| ApiError::BadPayload(e.to_string()))?;
     let stripe_created = timestamp(envelope.created)
         .ok_or_else(|| ApiError::BadPayload("created is out of range".to_owned()))?;
-    let event = NewEvent {
-        id: &envelope.id,
-        event_type: &envelope.event_type,
+    let event = VerifiedEvent {
+        id: envelope.id.into_owned(),
+        event_type: envelope.event_type.into_owned(),
         livemode: envelope.livemode,
-        api_version: envelope.api_version.as_deref(),
+        api_version: envelope.api_version.map(Cow::into_owned),
         stripe_created,
-        payload: &body,
+        payload: body.clone(),
     };
-    let inserted = webhook_events::insert(&state.pool, &event)
-        .await
-        .map_err(|e| {
-            ApiError::Unavailable(anyhow::Error::new(e).context("storing the webhook event"))
-        })?;
-    if inserted && let Err(e) = state.queue.push(&[&envelope.id]).await {
-        ::metrics::counter!(ENQUEUE_FAILURES).increment(1);
-        tracing::warn!(event.id = %envelope.id, error = %e, "event stored but not enqueued; the sweeper will enqueue it");
-    }
-    Ok(inserted)
+    state.batcher.store(event).await.map_err(|e| {
+        ApiError::Unavailable(anyhow::Error::new(e).context("storing the webhook event"))
+    })
 }

@@ -53,6 +53,76 @@ pub async fn insert<'e>(
     Ok(result.rows_affected() == 1)
 }
 
+/// Stores many events in one statement (so one commit when run outside a transaction: ingest's
+/// group commit) and returns the ids that were new. Ids already stored, or repeated in `events`
+/// (the first occurrence wins), are skipped and not returned.
+///
+/// The rows travel as six arrays unnested server-side: one statement text whatever the batch
+/// size, so the prepared statement is reused, and no limit on bind parameters.
+pub async fn insert_many<'e>(
+    db: impl PgExecutor<'e>,
+    events: &[NewEvent<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let livemodes: Vec<bool> = events.iter().map(|e| e.livemode).collect();
+    let api_versions: Vec<Option<&str>> = events.iter().map(|e| e.api_version).collect();
+    let created: Vec<DateTime<Utc>> = events.iter().map(|e| e.stripe_created).collect();
+    let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload).collect();
+    sqlx::query_scalar(
+        "INSERT INTO webhook_events (id, type, livemode, api_version, stripe_created, payload)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[],
+                              $5::timestamptz[], $6::bytea[])
+         ON CONFLICT (id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(ids)
+    .bind(types)
+    .bind(livemodes)
+    .bind(api_versions)
+    .bind(created)
+    .bind(payloads)
+    .fetch_all(db)
+    .await
+}
+
+/// How many of `ids` are stored (load-test verification).
+pub async fn count_stored<'e>(db: impl PgExecutor<'e>, ids: &[String]) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_one(db)
+        .await
+}
+
+/// The events of `ids` the worker has finished with (`processed` or `dead`), with the
+/// milliseconds from ingest's commit (`received_at`) to the decision (`processed_at`), and
+/// when the decision committed (load-test lag measurement).
+pub async fn decided_lags<'e>(
+    db: impl PgExecutor<'e>,
+    ids: &[String],
+) -> Result<Vec<(String, f64, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, (extract(epoch FROM processed_at - received_at) * 1000)::float8, processed_at
+         FROM webhook_events
+         WHERE id = ANY($1) AND status IN ('processed', 'dead') AND processed_at IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
+/// Inbox rows by status (load-test progress).
+pub async fn count_by_status<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT status, count(*) FROM webhook_events GROUP BY status ORDER BY status")
+        .fetch_all(db)
+        .await
+}
+
 /// A stored event.
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
 pub struct StoredEvent {

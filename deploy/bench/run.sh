@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The benchmark, all on this machine: release binaries, a fresh `billing_bench` database, then
+#   1. Postgres' own ceiling: pgbench, one ~5 KB row per transaction, 64 clients
+#   2. ingest, closed loop, 64 connections                (loadgen closed)
+#   3. ingest, open loop at 1,000/s                       (loadgen open)
+#   4. worker, drain of a 100,000-event backlog           (worker-bench preload + drain)
+#   5. end-to-end lag at a steady 500/s through ingest   (loadgen open --wait-applied)
+# and the peak resident memory (VmHWM) of ingest and worker in each phase. Prints a summary
+# table; every raw result is kept as JSON in target/bench/<time>/.
+#
+# Quick run: BENCH_SECONDS=5 BACKLOG=10000 deploy/bench/run.sh
+# Knobs: BENCH_SECONDS (30), BACKLOG (100000), BENCH_CONNECTIONS (64), BENCH_OPEN_RATE (1000),
+# BENCH_LAG_RATE (500), WORKER_CONCURRENCY (worker default), INGEST_DB_POOL (16),
+# BENCH_DB_TRANSPORT (`unix`, the default: Postgres' Unix socket; or `tcp`: 127.0.0.1:5432).
+# Why unix by default: sqlx 0.9.0 does not set TCP_NODELAY (transact-rs/sqlx#4335, fixed after
+# 0.9.0 by #4336), so a multi-row insert bigger than the socket's send buffer waits ~40 ms for a
+# delayed ACK on TCP. See BENCHMARKS.md for both transports.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+deploy/ensure-services.sh
+
+seconds="${BENCH_SECONDS:-30}"
+backlog="${BACKLOG:-100000}"
+connections="${BENCH_CONNECTIONS:-64}"
+open_rate="${BENCH_OPEN_RATE:-1000}"
+lag_rate="${BENCH_LAG_RATE:-500}"
+admin_url="postgres://postgres@127.0.0.1:5432/postgres"
+ingest_addr="127.0.0.1:18080"
+
+case "${BENCH_DB_TRANSPORT:-unix}" in
+  unix) export DATABASE_URL="postgres://postgres@localhost/billing_bench?host=/var/run/postgresql" ;;
+  tcp) export DATABASE_URL="postgres://postgres@127.0.0.1:5432/billing_bench" ;;
+  *) echo "BENCH_DB_TRANSPORT is unix or tcp" >&2; exit 2 ;;
+esac
+export REDIS_URL="redis://127.0.0.1:6379"
+export QUEUE_PREFIX="bench-$$"
+export STRIPE_WEBHOOK_SECRET="whsec_bench_only_secret"
+export INTERNAL_API_TOKEN="bench-internal-token"
+export STRIPE_BASIC_PRICE_KEY="price_basic_monthly"
+export STRIPE_PREMIUM_PRICE_KEY="price_premium_monthly"
+export STRIPE_ENTERPRISE_PRODUCT_KEY="prod_enterprise"
+export RUST_LOG="${RUST_LOG:-warn}"
+
+out="target/bench/$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$out"
+bin=target/release
+
+ingest_pid=""
+worker_pid=""
+cleanup() {
+  for pid in $ingest_pid $worker_pid; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in $ingest_pid $worker_pid; do
+    wait "$pid" 2>/dev/null || true
+  done
+  clear_queue
+}
+clear_queue() {
+  local keys
+  keys=$(redis-cli -h 127.0.0.1 --scan --pattern "$QUEUE_PREFIX*" || true)
+  if [ -n "$keys" ]; then
+    echo "$keys" | xargs redis-cli -h 127.0.0.1 DEL >/dev/null
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say() { printf '\n== %s\n' "$*"; }
+# Peak resident memory in MB since the last reset (VmHWM), then reset it for the next phase.
+peak_rss_mb() {
+  local kb
+  kb=$(awk '/VmHWM/ { print $2 }' "/proc/$1/status")
+  echo 5 > "/proc/$1/clear_refs" 2>/dev/null || true
+  echo $(( (kb + 1023) / 1024 ))
+}
+wait_ready() {
+  for _ in $(seq 1 100); do
+    curl -fs "http://$ingest_addr/readyz" >/dev/null && return 0
+    kill -0 "$ingest_pid" 2>/dev/null || { cat "$out/ingest.log"; exit 1; }
+    sleep 0.1
+  done
+  echo "ingest not ready" >&2
+  exit 1
+}
+# An empty inbox and queue between phases, and a checkpoint so no phase pays for the last.
+reset_inbox() {
+  psql "$DATABASE_URL" -qc "TRUNCATE webhook_events, processed_events, billing_audit, organizations" -c "CHECKPOINT"
+  clear_queue
+}
+
+say "build (release)"
+cargo build --release --workspace --bins
+
+say "database billing_bench"
+psql "$admin_url" -qc "DROP DATABASE IF EXISTS billing_bench WITH (FORCE)" -c "CREATE DATABASE billing_bench"
+$bin/worker migrate
+
+say "1. Postgres ceiling: pgbench, one ~5 KB row per transaction, 64 clients, ${seconds} s"
+$bin/worker-bench sample-body > "$out/body.json"
+psql "$DATABASE_URL" -q -v body="$(cat "$out/body.json")" <<'SQL'
+CREATE TABLE bench_inbox (id text PRIMARY KEY, payload bytea NOT NULL,
+                          received_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE bench_body AS SELECT convert_to(:'body', 'UTF8') AS payload;
+SQL
+cat > "$out/insert.sql" <<'SQL'
+INSERT INTO bench_inbox (id, payload) SELECT 'evt_pg_' || gen_random_uuid(), payload FROM bench_body;
+SQL
+psql "$DATABASE_URL" -qc "CHECKPOINT"
+pgbench_target=(-U postgres -h /var/run/postgresql billing_bench)
+if [ "${BENCH_DB_TRANSPORT:-unix}" = tcp ]; then pgbench_target=(-U postgres -h 127.0.0.1 billing_bench); fi
+pgbench -n -c 64 -j 2 -T "$seconds" -f "$out/insert.sql" "${pgbench_target[@]}" > "$out/pgbench.txt" 2>&1
+cat "$out/pgbench.txt"
+pg_tps=$(awk '/^tps = / { printf "%.0f", $3 }' "$out/pgbench.txt")
+pg_latency=$(awk '/^latency average/ { print $4 }' "$out/pgbench.txt")
+psql "$DATABASE_URL" -qc "DROP TABLE bench_inbox, bench_body" -c "CHECKPOINT"
+
+say "start ingest"
+INGEST_ADDR="$ingest_addr" METRICS_ADDR=127.0.0.1:19100 \
+  DATABASE_MAX_CONNECTIONS="${INGEST_DB_POOL:-16}" $bin/ingest 2> "$out/ingest.log" &
+ingest_pid=$!
+wait_ready
+peak_rss_mb "$ingest_pid" >/dev/null
+
+say "2. ingest closed loop: ${connections} connections, ${seconds} s"
+$bin/loadgen --url "http://$ingest_addr" --database-url "$DATABASE_URL" --json \
+  --seconds "$seconds" closed --connections "$connections" > "$out/closed.json"
+ingest_rss_closed=$(peak_rss_mb "$ingest_pid")
+jq . "$out/closed.json"
+reset_inbox
+
+say "3. ingest open loop: ${open_rate}/s, ${seconds} s"
+$bin/loadgen --url "http://$ingest_addr" --database-url "$DATABASE_URL" --json \
+  --seconds "$seconds" open --rate "$open_rate" > "$out/open.json"
+ingest_rss_open=$(peak_rss_mb "$ingest_pid")
+jq . "$out/open.json"
+reset_inbox
+
+say "4. worker drain: ${backlog}-event backlog"
+$bin/worker-bench preload --events "$backlog"
+psql "$DATABASE_URL" -qc "VACUUM ANALYZE webhook_events" -c "CHECKPOINT"
+METRICS_ADDR=127.0.0.1:19101 $bin/worker run 2> "$out/worker.log" &
+worker_pid=$!
+$bin/worker-bench drain --events "$backlog" --json > "$out/drain.json"
+worker_rss_drain=$(peak_rss_mb "$worker_pid")
+jq . "$out/drain.json"
+# The worker stops before the reset: deleting its queue's keys would unregister it.
+kill -TERM "$worker_pid"; wait "$worker_pid" || true; worker_pid=""
+reset_inbox
+METRICS_ADDR=127.0.0.1:19101 $bin/worker run 2>> "$out/worker.log" &
+worker_pid=$!
+
+say "5. end-to-end lag at ${lag_rate}/s for ${seconds} s (ingest + worker)"
+peak_rss_mb "$ingest_pid" >/dev/null
+$bin/loadgen --url "http://$ingest_addr" --database-url "$DATABASE_URL" --json \
+  --seconds "$seconds" --wait-applied 120 open --rate "$lag_rate" > "$out/lag.json"
+ingest_rss_lag=$(peak_rss_mb "$ingest_pid")
+worker_rss_lag=$(peak_rss_mb "$worker_pid")
+jq . "$out/lag.json"
+
+say "summary (Postgres over ${BENCH_DB_TRANSPORT:-unix}; $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo), $(psql "$admin_url" -tAc 'SHOW server_version'); generator, Postgres, Redis, ingest and worker share the cores)"
+j() { jq -r "$2" "$out/$1.json"; }
+{
+  printf '| measurement | result | target |\n|---|---|---|\n'
+  printf '| Postgres ceiling: pgbench 64 clients, one ~5 KB row per commit | %s tx/s (latency avg %s ms) | — |\n' "$pg_tps" "$pg_latency"
+  printf '| ingest closed loop, %s connections, %s s | %s webhooks/s, p50 %s ms, p99 %s ms, max %s ms; errors %s; stored %s/%s | ≥ 6,000/s, 0 errors, all stored |\n' \
+    "$connections" "$seconds" "$(j closed .throughput)" "$(j closed .latency_ms.p50)" "$(j closed .latency_ms.p99)" \
+    "$(j closed .latency_ms.max)" "$(j closed .errors_total)" "$(j closed .verify.stored)" "$(j closed .verify.accepted)"
+  printf '| ingest open loop, %s/s, %s s | p50 %s ms, p99 %s ms, max %s ms; errors %s; stored %s/%s | p99 ≤ 20 ms |\n' \
+    "$open_rate" "$seconds" "$(j open .latency_ms.p50)" "$(j open .latency_ms.p99)" "$(j open .latency_ms.max)" \
+    "$(j open .errors_total)" "$(j open .verify.stored)" "$(j open .verify.accepted)"
+  printf '| worker drain, %s-event backlog | %s events/s (%s s) | ≥ 3,000/s |\n' \
+    "$backlog" "$(j drain .events_per_second)" "$(j drain .seconds)"
+  printf '| end-to-end lag at %s/s, %s s: ingest commit → worker commit | p50 %s ms, p99 %s ms, max %s ms (%s decided, %s not) | p99 ≤ 1 s |\n' \
+    "$lag_rate" "$seconds" "$(j lag .lag.inbox_to_applied_ms.p50)" "$(j lag .lag.inbox_to_applied_ms.p99)" \
+    "$(j lag .lag.inbox_to_applied_ms.max)" "$(j lag .lag.decided)" "$(j lag .lag.undecided)"
+  printf '| end-to-end lag at %s/s: scheduled send → worker commit | p50 %s ms, p99 %s ms, max %s ms | |\n' \
+    "$lag_rate" "$(j lag .lag.due_to_applied_ms.p50)" "$(j lag .lag.due_to_applied_ms.p99)" "$(j lag .lag.due_to_applied_ms.max)"
+  printf '| peak RSS ingest (closed / open / lag phase) | %s / %s / %s MB | ≤ 64 MB |\n' "$ingest_rss_closed" "$ingest_rss_open" "$ingest_rss_lag"
+  printf '| peak RSS worker (drain / lag phase) | %s / %s MB | ≤ 128 MB |\n' "$worker_rss_drain" "$worker_rss_lag"
+} | tee "$out/summary.md"
+echo "raw results in $out/"

@@ -1,0 +1,123 @@
+//! Load: the load generator's smoke run against a real pipeline (the CI guard of the
+//! benchmark), and ingest's group commit under concurrent distinct, duplicate and failing
+//! deliveries.
+
+use e2e::harness::{Pipeline, WEBHOOK_SECRET, binary, unique_tag};
+use e2e::stripe_events::{Customer, event};
+use futures::future::join_all;
+use serde_json::Value;
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[tokio::test]
+async fn a_short_load_run_has_no_errors_and_every_accepted_event_is_stored() {
+    let p = Pipeline::start(&[]).await;
+    let output = tokio::process::Command::new(binary("loadgen"))
+        .args(["--url", &p.client.base_url])
+        .args(["--secret", WEBHOOK_SECRET])
+        .args(["--database-url", &p.db.url])
+        .args([
+            "--seconds",
+            "2",
+            "--customers",
+            "20",
+            "--json",
+            "--fail-on-error",
+        ])
+        .args(["closed", "--connections", "4"])
+        .output()
+        .await
+        .expect("run loadgen");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadgen failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).expect("loadgen --json output");
+    let accepted = report["ok"].as_i64().expect("ok count");
+    assert!(accepted > 0, "{report}");
+    assert_eq!(report["errors_total"], 0, "{report}");
+    assert_eq!(report["verify"]["stored"], accepted, "{report}");
+    assert_eq!(report["verify"]["missing"], 0, "{report}");
+    assert_eq!(p.count("webhook_events").await, accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_distinct_and_duplicate_deliveries_are_each_stored_once_and_enqueued_once() {
+    let p = Pipeline::start(&[]).await;
+    let tag = unique_tag();
+    let customer = Customer::new(&tag);
+    let events: Vec<Value> = (0..60)
+        .map(|n| {
+            event(
+                &format!("evt_{tag}_{n}"),
+                "invoice.paid",
+                now(),
+                customer.invoice(2000, "subscription_cycle"),
+            )
+        })
+        .collect();
+    // Every event four times, all at once: duplicates land in the same batch and in later
+    // batches alike.
+    let deliveries = events
+        .iter()
+        .cycle()
+        .take(events.len() * 4)
+        .map(|ev| p.client.post_event(ev));
+    for (status, answer) in join_all(deliveries).await {
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert_eq!(p.count("webhook_events").await, 60);
+    assert_eq!(
+        p.queue.waiting_jobs(),
+        60,
+        "each event must be enqueued exactly once"
+    );
+    // A delivery of an already stored event, alone in its batch, is still a 200 and no job.
+    let (status, _) = p.client.post_event(&events[0]).await;
+    assert_eq!(status, 200);
+    assert_eq!(p.queue.waiting_jobs(), 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_group_commit_answers_503_to_every_request_in_it_and_stores_nothing() {
+    let p = Pipeline::start(&[]).await;
+    let tag = unique_tag();
+    let customer = Customer::new(&tag);
+    let ev = |n: usize| {
+        event(
+            &format!("evt_{tag}_{n}"),
+            "customer.subscription.updated",
+            now(),
+            customer.subscription("active", false, now() + 86_400),
+        )
+    };
+    // The inbox table disappears: every insert fails.
+    sqlx::query("ALTER TABLE webhook_events RENAME TO webhook_events_away")
+        .execute(&p.db.pool)
+        .await
+        .expect("rename the inbox");
+    let failing: Vec<Value> = (0..30).map(ev).collect();
+    let answers = join_all(failing.iter().map(|e| p.client.post_event(e))).await;
+    for (status, answer) in answers {
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (503, Some("unavailable")),
+            "{answer}"
+        );
+    }
+    sqlx::query("ALTER TABLE webhook_events_away RENAME TO webhook_events")
+        .execute(&p.db.pool)
+        .await
+        .expect("restore the inbox");
+    assert_eq!(p.count("webhook_events").await, 0);
+    assert_eq!(p.queue.waiting_jobs(), 0);
+    // Stripe retries; now they are stored.
+    let answers = join_all(failing.iter().map(|e| p.client.post_event(e))).await;
+    assert!(answers.iter().all(|(status, _)| *status == 200));
+    assert_eq!(p.count("webhook_events").await, 30);
+    assert_eq!(p.queue.waiting_jobs(), 30);
+}
