@@ -117,12 +117,55 @@ struct Housekeeping {
 /// a retry when asked for a shorter age, so it is at least a day.
 const KEEP_FINISHED: Duration = Duration::from_secs(86_400);
 
+/// Jobs moved per call of [`PROMOTE_DUE`], far below Lua's `unpack` limit.
+const PROMOTE_CHUNK: u64 = 1000;
+
+/// Moves up to ARGV[1] due jobs from the scheduled set (KEYS[1]) to the end of the active
+/// list (KEYS[2]) and raises the signal (KEYS[3]) as apalis-redis' own fetch does; returns
+/// how many moved. Scores are Unix seconds, as apalis-redis writes them.
+const PROMOTE_DUE: &str = r#"
+local now = redis.call('TIME')[1]
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], 0, now, 'LIMIT', 0, tonumber(ARGV[1]))
+if #ids > 0 then
+    redis.call('RPUSH', KEYS[2], unpack(ids))
+    redis.call('ZREM', KEYS[1], unpack(ids))
+    redis.call('DEL', KEYS[3])
+    redis.call('LPUSH', KEYS[3], 1)
+end
+return #ids
+"#;
+
 impl Housekeeping {
     fn new(conn: ConnectionManager, name: String) -> Housekeeping {
         Housekeeping {
             config: storage_config(name.clone()),
             name,
             conn,
+        }
+    }
+
+    /// Moves due jobs from the `scheduled` set to the `active` list, [`PROMOTE_CHUNK`] at a
+    /// time, until none is due; returns how many moved. apalis-redis 1.0 puts every new job in
+    /// `scheduled`, and its fetch moves all due jobs with one Lua `unpack`, which fails past
+    /// about 8,000 ("too many results to unpack") and stops the worker: a backlog that built
+    /// up while no worker ran would stop every worker that starts. Doing it in chunks first
+    /// (at start, after the sweeper's pushes, and every poll) keeps the fetch's share small.
+    async fn promote_due(&self) -> Result<u64, QueueError> {
+        let script = redis::Script::new(PROMOTE_DUE);
+        let mut conn = self.conn.clone();
+        let mut moved = 0;
+        loop {
+            let count: u64 = script
+                .key(self.config.scheduled_jobs_set())
+                .key(self.config.active_jobs_list())
+                .key(self.config.signal_list())
+                .arg(PROMOTE_CHUNK)
+                .invoke_async(&mut conn)
+                .await?;
+            moved += count;
+            if count < PROMOTE_CHUNK {
+                return Ok(moved);
+            }
         }
     }
 
@@ -223,6 +266,12 @@ impl EventQueue {
         self.housekeeping.vacuum(&self.storage).await
     }
 
+    /// Moves due jobs to the active list in chunks (see `Housekeeping::promote_due`); returns
+    /// how many moved. The worker calls it before it starts consuming and then on every poll.
+    pub async fn promote_due(&self) -> Result<u64, QueueError> {
+        self.housekeeping.promote_due().await
+    }
+
     /// The apalis storage, for the consuming worker.
     pub fn storage(&self) -> RedisStorage<ApplyEventV1> {
         self.storage.clone()
@@ -285,6 +334,11 @@ impl EmailQueue {
         self.housekeeping.vacuum(&self.storage).await
     }
 
+    /// See [`EventQueue::promote_due`].
+    pub async fn promote_due(&self) -> Result<u64, QueueError> {
+        self.housekeeping.promote_due().await
+    }
+
     /// The apalis storage, for the consuming worker.
     pub fn storage(&self) -> RedisStorage<SendEmailV1> {
         self.storage.clone()
@@ -310,6 +364,54 @@ mod tests {
     /// `TEST_REDIS_URL`, or the machine's Redis.
     fn redis_url() -> String {
         std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_backlog_far_beyond_luas_unpack_limit_is_promoted_in_chunks() {
+        let prefix = format!("unit-{}", uuid::Uuid::new_v4().simple());
+        let conn = connect(&QueueConfig {
+            redis_url: redis_url(),
+            prefix: prefix.clone(),
+        })
+        .await
+        .expect("redis");
+        let queue = EventQueue::new(conn.clone(), &prefix);
+        let ids: Vec<String> = (0..20_000).map(|n| format!("evt_{n}")).collect();
+        for chunk in ids.chunks(2_000) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            queue.push(&refs).await.expect("push");
+        }
+        assert_eq!(queue.depth().await.expect("depth"), 20_000);
+
+        assert_eq!(queue.promote_due().await.expect("promote"), 20_000);
+        let mut c = conn.clone();
+        let keys = &queue.housekeeping.config;
+        let (active, scheduled): (u64, u64) = redis::pipe()
+            .cmd("LLEN")
+            .arg(keys.active_jobs_list())
+            .cmd("ZCARD")
+            .arg(keys.scheduled_jobs_set())
+            .query_async(&mut c)
+            .await
+            .expect("counts");
+        assert_eq!((active, scheduled), (20_000, 0));
+        assert_eq!(queue.promote_due().await.expect("promote"), 0);
+        delete_keys(&mut c, &prefix).await;
+    }
+
+    async fn delete_keys(conn: &mut ConnectionManager, prefix: &str) {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(conn)
+            .await
+            .expect("keys");
+        if !keys.is_empty() {
+            redis::cmd("DEL")
+                .arg(keys)
+                .query_async::<()>(conn)
+                .await
+                .expect("clean up");
+        }
     }
 
     #[tokio::test]
@@ -346,18 +448,6 @@ mod tests {
             .expect("members");
         left.sort();
         assert_eq!(left, ["recent"]);
-
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut c)
-            .await
-            .expect("keys");
-        if !keys.is_empty() {
-            redis::cmd("DEL")
-                .arg(keys)
-                .query_async::<()>(&mut c)
-                .await
-                .expect("clean up");
-        }
+        delete_keys(&mut c, &prefix).await;
     }
 }

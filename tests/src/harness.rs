@@ -565,19 +565,30 @@ impl Pipeline {
     /// Runs a `worker` operator command to completion with the pipeline's environment:
     /// (exit code, stdout, stderr).
     pub async fn worker_command(&self, args: &[&str]) -> (i32, String, String) {
+        self.run_to_completion("worker", args).await
+    }
+
+    /// Runs a workspace binary to completion with the pipeline's environment:
+    /// (exit code, stdout, stderr).
+    pub async fn run_to_completion(
+        &self,
+        binary_name: &str,
+        args: &[&str],
+    ) -> (i32, String, String) {
         let env = self.env.clone();
+        let path = binary(binary_name);
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let output = tokio::task::spawn_blocking(move || {
-            Command::new(binary("worker"))
+            Command::new(path)
                 .args(&args)
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 .output()
-                .expect("run worker")
+                .expect("run the binary")
         })
         .await
-        .expect("worker command");
+        .expect("binary run");
         (
             output.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&output.stdout).into_owned(),

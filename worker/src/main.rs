@@ -220,6 +220,22 @@ async fn run() -> anyhow::Result<()> {
         emails: email_deps,
         email_queue,
     } = resources(&config).await?;
+    // Before any consumer fetches: a backlog that built up while no worker ran goes to the
+    // active lists in chunks (apalis' fetch would fail on it; see shared::queue).
+    deps.queue
+        .promote_due()
+        .await
+        .context("promoting the event backlog")?;
+    email_queue
+        .promote_due()
+        .await
+        .context("promoting the email backlog")?;
+    let promoter = tokio::spawn(worker::sweeper::promote(
+        deps.queue.clone(),
+        email_queue.clone(),
+        config.poll_interval,
+        stop.clone().wait(),
+    ));
     let sweeper = tokio::spawn(worker::sweeper::run(
         deps.pool.clone(),
         deps.queue.clone(),
@@ -260,6 +276,7 @@ async fn run() -> anyhow::Result<()> {
         supervise("email", emails, stop, &halt)
     );
     sweeper.abort();
+    promoter.abort();
     metrics_server.abort();
     events.and(emails)?;
     tracing::info!("worker stopped");

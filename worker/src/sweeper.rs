@@ -92,18 +92,31 @@ pub async fn run(
 }
 
 /// One round over the inbox: claims every due event, batch by batch, and pushes their jobs.
-/// Returns how many were enqueued. A push that fails leaves the claimed rows due again after
-/// `grace`.
+/// Returns how many were enqueued. A pending row whose job is older than `grace` counts as
+/// lost only while the queue is empty: a row whose job still waits behind a backlog is not
+/// lost, and enqueueing it again would only add duplicates to that backlog. Rows due for a
+/// retry are enqueued whatever the queue holds. A push that fails leaves the claimed rows due
+/// again later.
 pub async fn sweep(pool: &PgPool, queue: &EventQueue, grace: Duration) -> anyhow::Result<usize> {
+    let depth = queue.depth().await.context("reading the queue depth")?;
+    let lost_after = (depth == 0).then_some(grace);
     claim_and_push(
         || async move {
-            webhook_events::claim_due(pool, grace, BATCH)
+            webhook_events::claim_due(pool, lost_after, BATCH)
                 .await
                 .context("claiming due events")
         },
         |ids: Vec<String>| async move {
             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-            queue.push(&refs).await.context("enqueueing claimed events")
+            queue
+                .push(&refs)
+                .await
+                .context("enqueueing claimed events")?;
+            queue
+                .promote_due()
+                .await
+                .context("promoting claimed events")?;
+            Ok(())
         },
     )
     .await
@@ -122,10 +135,46 @@ pub async fn sweep_outbox(
                 .context("claiming due emails")
         },
         |ids: Vec<uuid::Uuid>| async move {
-            queue.push(&ids).await.context("enqueueing claimed emails")
+            queue
+                .push(&ids)
+                .await
+                .context("enqueueing claimed emails")?;
+            queue
+                .promote_due()
+                .await
+                .context("promoting claimed emails")?;
+            Ok(())
         },
     )
     .await
+}
+
+/// Moves due jobs of both queues to their active lists in chunks every `interval`, until
+/// `shutdown` resolves (see `EventQueue::promote_due`: apalis-redis' fetch fails on more than
+/// about 8,000 due jobs at once, which stops the worker).
+pub async fn promote(
+    queue: EventQueue,
+    email_queue: EmailQueue,
+    interval: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        for (name, promoted) in [
+            (queue.name(), queue.promote_due().await),
+            (email_queue.name(), email_queue.promote_due().await),
+        ] {
+            if let Err(e) = promoted {
+                tracing::warn!(queue = name, error = %e, "promoting due jobs failed");
+            }
+        }
+    }
 }
 
 /// Claims and pushes batches until a batch comes back short; returns how many were pushed.

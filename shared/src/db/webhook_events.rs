@@ -296,13 +296,13 @@ pub async fn mark_dead<'e>(
 }
 
 /// The sweeper's claim: up to `limit` unfinished rows that are due — past their `retry_at`,
-/// or without one and enqueued longer than `grace` ago. They become pending with
-/// `enqueued_at = now()` before the caller pushes their jobs, and `SKIP LOCKED` leaves rows
-/// another replica is claiming to that replica, so replicas never enqueue a row twice in one
-/// round. If the push then fails, the rows are due again after `grace`.
+/// or (when `lost_after` is given) without one and enqueued longer than that ago. They become
+/// pending with `enqueued_at = now()` before the caller pushes their jobs, and `SKIP LOCKED`
+/// leaves rows another replica is claiming to that replica, so replicas never enqueue a row
+/// twice in one round. If the push then fails, the rows are due again later.
 pub async fn claim_due<'e>(
     db: impl PgExecutor<'e>,
-    grace: Duration,
+    lost_after: Option<Duration>,
     limit: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
@@ -311,13 +311,14 @@ pub async fn claim_due<'e>(
              SELECT id FROM webhook_events
              WHERE status IN ('pending', 'deferred')
                AND (retry_at <= now()
-                    OR (retry_at IS NULL AND enqueued_at <= now() - make_interval(secs => $1)))
+                    OR (retry_at IS NULL AND $1::float8 IS NOT NULL
+                        AND enqueued_at <= now() - make_interval(secs => $1)))
              ORDER BY enqueued_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED)
          RETURNING id",
     )
-    .bind(grace.as_secs_f64())
+    .bind(lost_after.map(|d| d.as_secs_f64()))
     .bind(limit)
     .fetch_all(db)
     .await

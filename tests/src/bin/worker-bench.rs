@@ -92,8 +92,6 @@ async fn preload(
     .await
     .context("connecting to Redis")?;
     let queue = shared::queue::EventQueue::new(redis.clone(), queue_prefix);
-    let mut redis = redis;
-    let queue_name = shared::queue::events_queue_name(queue_prefix);
     let created = chrono::Utc::now().timestamp() - 3600;
     let factory = BodyFactory::new(&new_run_tag(), customers, created);
     let stripe_created = timestamp(created).context("created")?;
@@ -119,8 +117,9 @@ async fn preload(
             .await
             .context("inserting a batch")?;
         let ids: Vec<&str> = new_ids.iter().map(String::as_str).collect();
+        // Pushed as ingest pushes: into apalis' scheduled set. The worker moves the backlog
+        // to the active list in chunks when it starts (shared::queue::EventQueue::promote_due).
         queue.push(&ids).await.context("pushing a batch of jobs")?;
-        promote_due_jobs(&mut redis, &queue_name).await?;
         seq = end;
     }
     eprintln!(
@@ -128,42 +127,6 @@ async fn preload(
         factory.run_tag(),
         started.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// apalis-redis 1.0 pushes every job into the `scheduled` set (due now), and its fetch script
-/// promotes *all* due jobs with one Lua `unpack`, which fails past ~8,000 ("too many results to
-/// unpack") and stops the worker: a backlog that large cannot be drained as pushed (see
-/// BENCHMARKS.md). The benchmark therefore does that promotion itself, batch by batch, exactly
-/// as the fetch script would (scheduled set → active list), so the worker starts on a backlog
-/// it can read.
-async fn promote_due_jobs(
-    redis: &mut redis::aio::ConnectionManager,
-    queue_name: &str,
-) -> anyhow::Result<()> {
-    let scheduled = format!("{queue_name}:scheduled");
-    let active = format!("{queue_name}:active");
-    let ids: Vec<String> = redis::cmd("ZRANGE")
-        .arg(&scheduled)
-        .arg(0)
-        .arg(-1)
-        .query_async(redis)
-        .await
-        .context("reading scheduled jobs")?;
-    if ids.is_empty() {
-        return Ok(());
-    }
-    redis::pipe()
-        .atomic()
-        .cmd("RPUSH")
-        .arg(&active)
-        .arg(&ids)
-        .cmd("ZREM")
-        .arg(&scheduled)
-        .arg(&ids)
-        .query_async::<()>(redis)
-        .await
-        .context("promoting jobs")?;
     Ok(())
 }
 

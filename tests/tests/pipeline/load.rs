@@ -121,3 +121,54 @@ async fn a_failed_group_commit_answers_503_to_every_request_in_it_and_stores_not
     assert_eq!(p.count("webhook_events").await, 30);
     assert_eq!(p.queue.waiting_jobs(), 30);
 }
+
+/// apalis-redis 1.0 puts every pushed job in its `scheduled` set and its fetch moves all due
+/// jobs with one Lua `unpack`, which fails past about 8,000 and stops the worker. A backlog
+/// that built up while no worker ran (a deploy, an outage) must not keep every new worker
+/// from starting: the worker moves it to the active list in chunks first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_beyond_apalis_fetch_limit_is_drained_by_a_worker_started_after_it() {
+    let mut p = Pipeline::start(&[]).await;
+    let backlog = 9_000;
+    let (code, stdout, stderr) = p
+        .run_to_completion(
+            "worker-bench",
+            &[
+                "preload",
+                "--events",
+                &backlog.to_string(),
+                "--batch",
+                "1000",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(p.queue.waiting_jobs(), backlog, "every job waits in Redis");
+
+    p.start_worker();
+    let mut worker = p.worker.take().expect("worker");
+    e2e::harness::eventually(
+        std::time::Duration::from_secs(120),
+        "the backlog to be drained",
+        || {
+            if let Some(status) = worker.exited() {
+                let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+                panic!("the worker stopped ({status}) on the backlog: {log}");
+            }
+            let pool = p.db.pool.clone();
+            let waiting = p.queue.waiting_jobs();
+            async move {
+                let pending: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM webhook_events WHERE status = 'pending'",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+                (pending == 0 && waiting == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(p.count("webhook_events").await, backlog as i64);
+    assert!(worker.exited().is_none(), "the worker is still running");
+}
