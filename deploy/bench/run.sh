@@ -39,6 +39,12 @@ export INTERNAL_API_TOKEN="bench-internal-token"
 export STRIPE_BASIC_PRICE_KEY="price_basic_monthly"
 export STRIPE_PREMIUM_PRICE_KEY="price_premium_monthly"
 export STRIPE_ENTERPRISE_PRODUCT_KEY="prod_enterprise"
+# The benchmark sends no Enterprise request, so Resend is never called; the worker requires
+# its settings all the same. The port is loopback's discard port: nothing leaves the machine.
+export RESEND_API_KEY="re_bench_only"
+export RESEND_BASE_URL="http://127.0.0.1:9"
+export EMAIL_FROM="billing@example.com"
+export ENTERPRISE_SALES_EMAIL="sales@example.com"
 export RUST_LOG="${RUST_LOG:-warn}"
 
 out="target/bench/$(date +%Y%m%d-%H%M%S)"

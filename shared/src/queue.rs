@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use apalis::prelude::TaskSink;
+use apalis::prelude::{TaskBuilder, TaskSink};
 use apalis_redis::{ConnectionManager, RedisStorage};
 use redis::aio::ConnectionManagerConfig;
 use serde::{Deserialize, Serialize};
@@ -89,6 +89,11 @@ fn storage_config(queue_name: String) -> apalis_redis::Config {
         .missed_heartbeats(MISSED_HEARTBEATS)
 }
 
+/// A job to push parked (see [`PARKED_AT`]).
+fn parked<T>(job: T) -> apalis_core::task::Task<T> {
+    TaskBuilder::new(job).run_at_timestamp(PARKED_AT).build()
+}
+
 /// Awaits a push within [`REDIS_TIMEOUT`].
 async fn within_timeout<E: std::fmt::Display>(
     push: impl Future<Output = Result<(), E>>,
@@ -117,22 +122,49 @@ struct Housekeeping {
 /// a retry when asked for a shorter age, so it is at least a day.
 const KEEP_FINISHED: Duration = Duration::from_secs(86_400);
 
+/// The `scheduled` score our jobs are pushed with: 2100-01-01, never due for apalis.
+///
+/// apalis-redis 1.0 keeps every pushed job in its `scheduled` set and, on every fetch, moves
+/// all due ones to the `active` list with one Lua `unpack`. Two things break on a backlog:
+/// past about 8,000 due jobs the fetch fails ("too many results to unpack") and the worker
+/// stops; and each job it then leases costs an `LREM` over the whole `active` list, so a
+/// long list makes every job slower. Parked jobs are invisible to that fetch; the worker's
+/// promoter ([`EventQueue::promote_due`]) moves them to `active` in chunks, keeping that list
+/// near [`ACTIVE_TARGET`].
+const PARKED_AT: u64 = 4_102_444_800;
+
+/// How long the `active` list is kept: enough for a few hundred milliseconds of work.
+const ACTIVE_TARGET: u64 = 1000;
+
 /// Jobs moved per call of [`PROMOTE_DUE`], far below Lua's `unpack` limit.
 const PROMOTE_CHUNK: u64 = 1000;
 
-/// Moves up to ARGV[1] due jobs from the scheduled set (KEYS[1]) to the end of the active
-/// list (KEYS[2]) and raises the signal (KEYS[3]) as apalis-redis' own fetch does; returns
-/// how many moved. Scores are Unix seconds, as apalis-redis writes them.
+/// KEYS: the scheduled set, the active list, the signal list. ARGV: chunk, active target,
+/// parked score. Moves up to a chunk of due jobs (apalis' own retries, or jobs pushed by an
+/// older version) whatever the list's length, then parked jobs while the list is shorter than
+/// the target, and raises the signal as apalis' fetch does. Returns {due moved, parked moved}.
 const PROMOTE_DUE: &str = r#"
+local function move(ids)
+    if #ids > 0 then
+        redis.call('RPUSH', KEYS[2], unpack(ids))
+        redis.call('ZREM', KEYS[1], unpack(ids))
+    end
+    return #ids
+end
+local chunk = tonumber(ARGV[1])
 local now = redis.call('TIME')[1]
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], 0, now, 'LIMIT', 0, tonumber(ARGV[1]))
-if #ids > 0 then
-    redis.call('RPUSH', KEYS[2], unpack(ids))
-    redis.call('ZREM', KEYS[1], unpack(ids))
+local due = move(redis.call('ZRANGEBYSCORE', KEYS[1], 0, now, 'LIMIT', 0, chunk))
+local room = tonumber(ARGV[2]) - redis.call('LLEN', KEYS[2])
+local parked = 0
+if room > 0 then
+    parked = move(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], ARGV[3], 'LIMIT', 0,
+                             math.min(room, chunk)))
+end
+if due + parked > 0 then
     redis.call('DEL', KEYS[3])
     redis.call('LPUSH', KEYS[3], 1)
 end
-return #ids
+return {due, parked}
 "#;
 
 impl Housekeeping {
@@ -144,26 +176,24 @@ impl Housekeeping {
         }
     }
 
-    /// Moves due jobs from the `scheduled` set to the `active` list, [`PROMOTE_CHUNK`] at a
-    /// time, until none is due; returns how many moved. apalis-redis 1.0 puts every new job in
-    /// `scheduled`, and its fetch moves all due jobs with one Lua `unpack`, which fails past
-    /// about 8,000 ("too many results to unpack") and stops the worker: a backlog that built
-    /// up while no worker ran would stop every worker that starts. Doing it in chunks first
-    /// (at start, after the sweeper's pushes, and every poll) keeps the fetch's share small.
+    /// Moves jobs from the `scheduled` set to the `active` list (see [`PARKED_AT`]): every due
+    /// job, a chunk at a time, then parked ones up to [`ACTIVE_TARGET`]. Returns how many moved.
     async fn promote_due(&self) -> Result<u64, QueueError> {
         let script = redis::Script::new(PROMOTE_DUE);
         let mut conn = self.conn.clone();
         let mut moved = 0;
         loop {
-            let count: u64 = script
+            let (due, parked): (u64, u64) = script
                 .key(self.config.scheduled_jobs_set())
                 .key(self.config.active_jobs_list())
                 .key(self.config.signal_list())
                 .arg(PROMOTE_CHUNK)
+                .arg(ACTIVE_TARGET)
+                .arg(PARKED_AT)
                 .invoke_async(&mut conn)
                 .await?;
-            moved += count;
-            if count < PROMOTE_CHUNK {
+            moved += due + parked;
+            if due < PROMOTE_CHUNK {
                 return Ok(moved);
             }
         }
@@ -266,8 +296,8 @@ impl EventQueue {
         self.housekeeping.vacuum(&self.storage).await
     }
 
-    /// Moves due jobs to the active list in chunks (see `Housekeeping::promote_due`); returns
-    /// how many moved. The worker calls it before it starts consuming and then on every poll.
+    /// Moves jobs to the active list in chunks, keeping it short (see [`PARKED_AT`]); returns
+    /// how many moved. The worker calls it before it starts consuming and then continually.
     pub async fn promote_due(&self) -> Result<u64, QueueError> {
         self.housekeeping.promote_due().await
     }
@@ -282,13 +312,15 @@ impl EventQueue {
         if event_ids.is_empty() {
             return Ok(());
         }
-        let jobs = event_ids
+        let tasks: Vec<_> = event_ids
             .iter()
-            .map(|id| ApplyEventV1 {
-                event_id: (*id).to_owned(),
+            .map(|id| {
+                parked(ApplyEventV1 {
+                    event_id: (*id).to_owned(),
+                })
             })
             .collect();
-        within_timeout(self.storage.clone().push_bulk(jobs)).await
+        within_timeout(self.storage.clone().push_all(futures::stream::iter(tasks))).await
     }
 }
 
@@ -349,11 +381,11 @@ impl EmailQueue {
         if outbox_ids.is_empty() {
             return Ok(());
         }
-        let jobs = outbox_ids
+        let tasks: Vec<_> = outbox_ids
             .iter()
-            .map(|&outbox_id| SendEmailV1 { outbox_id })
+            .map(|&outbox_id| parked(SendEmailV1 { outbox_id }))
             .collect();
-        within_timeout(self.storage.clone().push_bulk(jobs)).await
+        within_timeout(self.storage.clone().push_all(futures::stream::iter(tasks))).await
     }
 }
 
@@ -367,7 +399,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_backlog_far_beyond_luas_unpack_limit_is_promoted_in_chunks() {
+    async fn parked_jobs_are_promoted_only_while_the_active_list_is_short_and_due_ones_all() {
         let prefix = format!("unit-{}", uuid::Uuid::new_v4().simple());
         let conn = connect(&QueueConfig {
             redis_url: redis_url(),
@@ -381,21 +413,57 @@ mod tests {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
             queue.push(&refs).await.expect("push");
         }
-        assert_eq!(queue.depth().await.expect("depth"), 20_000);
-
-        assert_eq!(queue.promote_due().await.expect("promote"), 20_000);
         let mut c = conn.clone();
         let keys = &queue.housekeeping.config;
-        let (active, scheduled): (u64, u64) = redis::pipe()
-            .cmd("LLEN")
+        // Jobs pushed as due (by apalis' retries, or an older version), more than Lua's
+        // `unpack` takes at once.
+        let mut due = redis::pipe();
+        for n in 0..9_000 {
+            due.cmd("ZADD")
+                .arg(keys.scheduled_jobs_set())
+                .arg(1)
+                .arg(format!("due_{n}"));
+        }
+        due.query_async::<()>(&mut c).await.expect("due jobs");
+        let lengths = async |c: &mut ConnectionManager| -> (u64, u64) {
+            redis::pipe()
+                .cmd("LLEN")
+                .arg(keys.active_jobs_list())
+                .cmd("ZCARD")
+                .arg(keys.scheduled_jobs_set())
+                .query_async(c)
+                .await
+                .expect("lengths")
+        };
+        assert_eq!(queue.depth().await.expect("depth"), 29_000);
+
+        assert_eq!(
+            queue.promote_due().await.expect("promote"),
+            9_000,
+            "all due ones"
+        );
+        assert_eq!(
+            lengths(&mut c).await,
+            (9_000, 20_000),
+            "no parked one: the list is long"
+        );
+
+        // Consumers take the active jobs; parked ones follow, up to the target.
+        redis::cmd("DEL")
             .arg(keys.active_jobs_list())
-            .cmd("ZCARD")
-            .arg(keys.scheduled_jobs_set())
-            .query_async(&mut c)
+            .query_async::<()>(&mut c)
             .await
-            .expect("counts");
-        assert_eq!((active, scheduled), (20_000, 0));
-        assert_eq!(queue.promote_due().await.expect("promote"), 0);
+            .expect("consume");
+        assert_eq!(queue.promote_due().await.expect("promote"), ACTIVE_TARGET);
+        assert_eq!(
+            lengths(&mut c).await,
+            (ACTIVE_TARGET, 20_000 - ACTIVE_TARGET)
+        );
+        assert_eq!(
+            queue.promote_due().await.expect("promote"),
+            0,
+            "the list is full"
+        );
         delete_keys(&mut c, &prefix).await;
     }
 

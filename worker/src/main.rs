@@ -220,8 +220,8 @@ async fn run() -> anyhow::Result<()> {
         emails: email_deps,
         email_queue,
     } = resources(&config).await?;
-    // Before any consumer fetches: a backlog that built up while no worker ran goes to the
-    // active lists in chunks (apalis' fetch would fail on it; see shared::queue).
+    // Before any consumer fetches: jobs wait parked until a promoter moves them to the active
+    // list in chunks (apalis' own fetch fails on a large backlog; see shared::queue).
     deps.queue
         .promote_due()
         .await
@@ -233,7 +233,6 @@ async fn run() -> anyhow::Result<()> {
     let promoter = tokio::spawn(worker::sweeper::promote(
         deps.queue.clone(),
         email_queue.clone(),
-        config.poll_interval,
         stop.clone().wait(),
     ));
     let sweeper = tokio::spawn(worker::sweeper::run(

@@ -149,15 +149,19 @@ pub async fn sweep_outbox(
     .await
 }
 
-/// Moves due jobs of both queues to their active lists in chunks every `interval`, until
-/// `shutdown` resolves (see `EventQueue::promote_due`: apalis-redis' fetch fails on more than
-/// about 8,000 due jobs at once, which stops the worker).
+/// How often the promoter tops up the active lists: at [`shared::queue`]'s active target of
+/// 1,000 jobs, up to 20,000 jobs a second.
+const PROMOTE_EVERY: Duration = Duration::from_millis(50);
+
+/// Moves both queues' jobs to their active lists in chunks every [`PROMOTE_EVERY`] until
+/// `shutdown` resolves: pushed jobs wait parked until then (see `shared::queue::EventQueue::
+/// promote_due`), so every worker runs this beside its consumers.
 pub async fn promote(
     queue: EventQueue,
     email_queue: EmailQueue,
-    interval: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
+    let interval = PROMOTE_EVERY;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
