@@ -82,9 +82,11 @@ pub fn events_queue_name(prefix: &str) -> String {
 }
 
 /// The apalis storage configuration of a queue, the same on both sides.
+/// No pub/sub events: workers poll (`poll_with_interval`), and nobody listens.
 fn storage_config(queue_name: String) -> apalis_redis::Config {
     apalis_redis::Config::default()
         .queue(queue_name)
+        .emit_events(false)
         .heartbeat_interval(HEARTBEAT_INTERVAL)
         .missed_heartbeats(MISSED_HEARTBEATS)
 }

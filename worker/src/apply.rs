@@ -158,11 +158,10 @@ pub async fn apply_event(
     event_id: &str,
     options: ApplyOptions,
 ) -> Result<Report, ApplyError> {
-    let stored = webhook_events::get(&deps.pool, event_id)
+    let mut tx = deps.pool.begin().await?;
+    let (stored, claimed) = webhook_events::get_and_claim(&mut *tx, event_id)
         .await?
         .ok_or_else(|| ApplyError::UnknownEvent(event_id.to_owned()))?;
-    let mut tx = deps.pool.begin().await?;
-    let claimed = processed_events::insert(&mut *tx, event_id).await?;
     let mut verdict = if claimed || options.force {
         decide(&mut tx, deps, &stored).await?
     } else {

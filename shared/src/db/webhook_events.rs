@@ -187,6 +187,35 @@ pub async fn get<'e>(
     .await
 }
 
+/// A stored event and whether this transaction just claimed it.
+#[derive(Debug, sqlx::FromRow)]
+struct ClaimedEvent {
+    #[sqlx(flatten)]
+    event: StoredEvent,
+    claimed: bool,
+}
+/// The apply transaction's first statement, one round trip for two things: claims the event
+/// in `processed_events` (`false` when it was already processed; a concurrent claim of the
+/// same id waits for the other transaction and then gets `false`) and reads it. `None` when
+/// no such event is stored (the claim is then rolled back with the transaction).
+pub async fn get_and_claim<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+) -> Result<Option<(StoredEvent, bool)>, sqlx::Error> {
+    let row: Option<ClaimedEvent> = sqlx::query_as(concat!(
+        "WITH claim AS (
+             INSERT INTO processed_events (id) VALUES ($1) ON CONFLICT (id) DO NOTHING
+             RETURNING id)
+         SELECT ",
+        stored_event_columns!(),
+        ", EXISTS (SELECT 1 FROM claim) AS claimed FROM webhook_events WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|row| (row.event, row.claimed)))
+}
+
 /// Records that a decision was committed for the event.
 pub async fn mark_processed<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
