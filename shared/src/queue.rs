@@ -32,6 +32,24 @@ pub struct SendEmailV1 {
     pub outbox_id: Uuid,
 }
 
+/// A job type and the queue it travels on; the name carries the version, like the type.
+pub trait Job: Clone {
+    /// The queue's name under a prefix.
+    fn queue_name(prefix: &str) -> String;
+}
+
+impl Job for ApplyEventV1 {
+    fn queue_name(prefix: &str) -> String {
+        format!("{prefix}:apply-event-v1")
+    }
+}
+
+impl Job for SendEmailV1 {
+    fn queue_name(prefix: &str) -> String {
+        format!("{prefix}:send-email-v1")
+    }
+}
+
 /// How long a Redis command may take before it counts as failed.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -76,11 +94,6 @@ pub async fn ping(conn: &mut ConnectionManager) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// The name of the event queue under a prefix.
-pub fn events_queue_name(prefix: &str) -> String {
-    format!("{prefix}:apply-event-v1")
-}
-
 /// The apalis storage configuration of a queue, the same on both sides.
 /// No pub/sub events: workers poll (`poll_with_interval`), and nobody listens.
 fn storage_config(queue_name: String) -> apalis_redis::Config {
@@ -104,11 +117,6 @@ async fn within_timeout<E: std::fmt::Display>(
         .await
         .map_err(|_| QueueError::Timeout(REDIS_TIMEOUT))?
         .map_err(|e| QueueError::Push(e.to_string()))
-}
-
-/// The apalis storage configuration of the event queue, the same on both sides.
-pub fn events_storage_config(prefix: &str) -> apalis_redis::Config {
-    storage_config(events_queue_name(prefix))
 }
 
 /// What the producing sides share besides the storage: the queue's keys and a connection,
@@ -265,19 +273,27 @@ impl Housekeeping {
     }
 }
 
-/// The producing side of the event queue.
+/// The producing side of one queue (and its housekeeping, which the worker runs): ingest,
+/// the sweeper and operators' replays push through it; the consuming worker takes its
+/// storage.
 #[derive(Debug, Clone)]
-pub struct EventQueue {
-    storage: RedisStorage<ApplyEventV1>,
+pub struct JobQueue<J> {
+    storage: RedisStorage<J>,
     housekeeping: Housekeeping,
 }
 
-impl EventQueue {
-    /// The event queue of `prefix` on `conn`.
-    pub fn new(conn: ConnectionManager, prefix: &str) -> EventQueue {
-        EventQueue {
-            storage: RedisStorage::new(conn.clone()).with_config(events_storage_config(prefix)),
-            housekeeping: Housekeeping::new(conn, events_queue_name(prefix)),
+/// The queue of [`ApplyEventV1`].
+pub type EventQueue = JobQueue<ApplyEventV1>;
+/// The queue of [`SendEmailV1`].
+pub type EmailQueue = JobQueue<SendEmailV1>;
+
+impl<J: Job> JobQueue<J> {
+    /// The queue of `J` under `prefix`, on `conn`.
+    pub fn new(conn: ConnectionManager, prefix: &str) -> JobQueue<J> {
+        let name = J::queue_name(prefix);
+        JobQueue {
+            storage: RedisStorage::new(conn.clone()).with_config(storage_config(name.clone())),
+            housekeeping: Housekeeping::new(conn, name),
         }
     }
 
@@ -292,12 +308,6 @@ impl EventQueue {
         self.housekeeping.depth().await
     }
 
-    /// Deletes what Redis keeps of jobs that finished more than a day ago (apalis keeps it
-    /// forever); returns how many.
-    pub async fn vacuum_finished(&self) -> Result<usize, QueueError> {
-        self.housekeeping.vacuum(&self.storage).await
-    }
-
     /// Moves jobs to the active list in chunks, keeping it short (see [`PARKED_AT`]); returns
     /// how many moved. The worker calls it before it starts consuming and then continually.
     pub async fn promote_due(&self) -> Result<u64, QueueError> {
@@ -305,11 +315,25 @@ impl EventQueue {
     }
 
     /// The apalis storage, for the consuming worker.
-    pub fn storage(&self) -> RedisStorage<ApplyEventV1> {
+    pub fn storage(&self) -> RedisStorage<J> {
         self.storage.clone()
     }
+}
 
-    /// Pushes jobs for these events, in one Redis round trip.
+impl<J: Job> JobQueue<J>
+where
+    RedisStorage<J>: apalis_core::backend::Vacuum,
+    <RedisStorage<J> as apalis_core::backend::Backend>::Error: std::fmt::Display,
+{
+    /// Deletes what Redis keeps of jobs that finished more than a day ago (apalis keeps it
+    /// forever); returns how many.
+    pub async fn vacuum_finished(&self) -> Result<usize, QueueError> {
+        self.housekeeping.vacuum(&self.storage).await
+    }
+}
+
+impl EventQueue {
+    /// Pushes jobs for these events, parked, in one Redis round trip.
     pub async fn push(&self, event_ids: &[&str]) -> Result<(), QueueError> {
         if event_ids.is_empty() {
             return Ok(());
@@ -326,59 +350,8 @@ impl EventQueue {
     }
 }
 
-/// The name of the email queue under a prefix.
-pub fn emails_queue_name(prefix: &str) -> String {
-    format!("{prefix}:send-email-v1")
-}
-
-/// The apalis storage configuration of the email queue, the same on both sides.
-pub fn emails_storage_config(prefix: &str) -> apalis_redis::Config {
-    storage_config(emails_queue_name(prefix))
-}
-
-/// The producing side of the email queue: ingest after committing an outbox row, the
-/// sweeper and operators' replays.
-#[derive(Debug, Clone)]
-pub struct EmailQueue {
-    storage: RedisStorage<SendEmailV1>,
-    housekeeping: Housekeeping,
-}
-
 impl EmailQueue {
-    /// The email queue of `prefix` on `conn`.
-    pub fn new(conn: ConnectionManager, prefix: &str) -> EmailQueue {
-        EmailQueue {
-            storage: RedisStorage::new(conn.clone()).with_config(emails_storage_config(prefix)),
-            housekeeping: Housekeeping::new(conn, emails_queue_name(prefix)),
-        }
-    }
-
-    /// The queue's name.
-    pub fn name(&self) -> &str {
-        &self.housekeeping.name
-    }
-
-    /// See [`EventQueue::depth`].
-    pub async fn depth(&self) -> Result<u64, QueueError> {
-        self.housekeeping.depth().await
-    }
-
-    /// See [`EventQueue::vacuum_finished`].
-    pub async fn vacuum_finished(&self) -> Result<usize, QueueError> {
-        self.housekeeping.vacuum(&self.storage).await
-    }
-
-    /// See [`EventQueue::promote_due`].
-    pub async fn promote_due(&self) -> Result<u64, QueueError> {
-        self.housekeeping.promote_due().await
-    }
-
-    /// The apalis storage, for the consuming worker.
-    pub fn storage(&self) -> RedisStorage<SendEmailV1> {
-        self.storage.clone()
-    }
-
-    /// Pushes jobs for these outbox rows, in one Redis round trip.
+    /// Pushes jobs for these outbox rows, parked, in one Redis round trip.
     pub async fn push(&self, outbox_ids: &[Uuid]) -> Result<(), QueueError> {
         if outbox_ids.is_empty() {
             return Ok(());

@@ -120,12 +120,12 @@ impl TestQueue {
     /// Jobs waiting in the event queue: its active list plus its scheduled set (apalis-redis
     /// puts new jobs in the scheduled set, due now).
     pub fn waiting_jobs(&self) -> usize {
-        waiting_in(&shared::queue::events_queue_name(&self.prefix))
+        waiting_in(&<shared::queue::ApplyEventV1 as shared::queue::Job>::queue_name(&self.prefix))
     }
 
     /// Jobs waiting in the email queue (as [`waiting_jobs`](Self::waiting_jobs)).
     pub fn waiting_email_jobs(&self) -> usize {
-        waiting_in(&shared::queue::emails_queue_name(&self.prefix))
+        waiting_in(&<shared::queue::SendEmailV1 as shared::queue::Job>::queue_name(&self.prefix))
     }
 
     /// The producer of this prefix's email queue, to push jobs as the sweeper or an operator
