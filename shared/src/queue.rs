@@ -373,8 +373,8 @@ mod tests {
         std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
     }
 
-    #[tokio::test]
-    async fn parked_jobs_are_promoted_only_while_the_active_list_is_short_and_due_ones_all() {
+    /// An event queue under a prefix of its own (delete its keys with [`delete_keys`]).
+    async fn fresh_queue() -> (String, ConnectionManager, EventQueue) {
         let prefix = format!("unit-{}", uuid::Uuid::new_v4().simple());
         let conn = connect(&QueueConfig {
             redis_url: redis_url(),
@@ -383,6 +383,12 @@ mod tests {
         .await
         .expect("redis");
         let queue = EventQueue::new(conn.clone(), &prefix);
+        (prefix, conn, queue)
+    }
+
+    #[tokio::test]
+    async fn parked_jobs_are_promoted_only_while_the_active_list_is_short_and_due_ones_all() {
+        let (prefix, conn, queue) = fresh_queue().await;
         let ids: Vec<String> = (0..20_000).map(|n| format!("evt_{n}")).collect();
         for chunk in ids.chunks(2_000) {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
@@ -459,14 +465,7 @@ mod tests {
 
     #[tokio::test]
     async fn vacuum_forgets_done_ids_whose_job_data_is_gone_and_keeps_the_rest() {
-        let prefix = format!("unit-{}", uuid::Uuid::new_v4().simple());
-        let conn = connect(&QueueConfig {
-            redis_url: redis_url(),
-            prefix: prefix.clone(),
-        })
-        .await
-        .expect("redis");
-        let queue = EventQueue::new(conn.clone(), &prefix);
+        let (prefix, conn, queue) = fresh_queue().await;
         let keys = &queue.housekeeping.config;
         let (done, meta) = (keys.done_jobs_set(), keys.job_meta_hash());
         let mut c = conn.clone();

@@ -77,6 +77,17 @@ impl Customer {
         session
     }
 
+    /// The `checkout.session.completed` event of [`Customer::checkout_session`] in
+    /// `subscription` mode, id `evt_<customer>_checkout`, created at `created`.
+    pub fn checkout_event(&self, created: i64) -> Value {
+        event(
+            &format!("evt_{}_checkout", self.customer_id),
+            "checkout.session.completed",
+            created,
+            self.checkout_session("subscription"),
+        )
+    }
+
     /// A subscription object on the current API shape (period end on the items).
     pub fn subscription(&self, status: &str, cancel_at_period_end: bool, period_end: i64) -> Value {
         let mut sub = fixture(SUBSCRIPTION);

@@ -17,13 +17,23 @@ use tracing::Instrument;
 
 use crate::apply::{ApplyError, ApplyOptions, Deps, FailureOutcome, apply_event, record_failure};
 
-/// How the consumer runs.
+/// How a consumer runs (the event and the email consumer alike).
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     /// Jobs in flight in this process.
     pub concurrency: usize,
     /// How often an idle worker looks for jobs.
     pub poll_interval: Duration,
+}
+
+/// A name unique to this process incarnation: apalis refuses to register a name that was
+/// active within its heartbeat threshold, so a restarted process must not reuse its old one.
+pub fn worker_name(kind: &str) -> String {
+    format!(
+        "{kind}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// Consumes the event queue until `shutdown` resolves; in-flight jobs finish first.
@@ -34,11 +44,7 @@ pub async fn run(
     settings: &ConsumerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let name = format!(
-        "worker-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let name = worker_name("worker");
     tracing::info!(worker = %name, concurrency = settings.concurrency, "consuming events");
     let storage = deps
         .queue

@@ -28,6 +28,7 @@ pub mod render;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::consume::{ConsumerSettings, worker_name};
 use apalis::prelude::*;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
@@ -316,29 +317,16 @@ pub async fn send_outbox_email(
     })
 }
 
-/// How the email consumer runs.
-#[derive(Debug, Clone)]
-pub struct EmailConsumerSettings {
-    /// Jobs in flight in this process.
-    pub concurrency: usize,
-    /// How often an idle worker looks for jobs.
-    pub poll_interval: Duration,
-}
-
 /// Consumes the email queue until `shutdown` resolves; in-flight jobs finish first.
 /// Returns an error if the worker stops by itself (e.g. Redis failed), so the process exits
 /// non-zero and its supervisor restarts it.
 pub async fn run(
     deps: EmailDeps,
     queue: &EmailQueue,
-    settings: &EmailConsumerSettings,
+    settings: &ConsumerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let name = format!(
-        "email-worker-{}-{}",
-        std::process::id(),
-        Uuid::new_v4().simple()
-    );
+    let name = worker_name("email-worker");
     tracing::info!(worker = %name, concurrency = settings.concurrency, "consuming emails");
     let storage = queue.storage().poll_with_interval(settings.poll_interval);
     let worker = WorkerBuilder::new(name)

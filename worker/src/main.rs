@@ -14,7 +14,7 @@ use shared::shutdown::Stop;
 use sqlx::PgPool;
 use worker::apply::{ApplyOptions, Deps, Policy};
 use worker::consume::ConsumerSettings;
-use worker::email::{EmailConsumerSettings, EmailDeps};
+use worker::email::EmailDeps;
 use worker::ops::{self, Output};
 use worker::stripe_api::StripeApi;
 use worker::sweeper::SweeperSettings;
@@ -249,10 +249,6 @@ async fn run() -> anyhow::Result<()> {
         concurrency: config.concurrency,
         poll_interval: config.poll_interval,
     };
-    let email_settings = EmailConsumerSettings {
-        concurrency: config.concurrency,
-        poll_interval: config.poll_interval,
-    };
 
     // Both consumers stop on the signal, or when the other one stops by itself: a worker
     // process that lost one of its consumers exits non-zero so its supervisor restarts it.
@@ -267,7 +263,7 @@ async fn run() -> anyhow::Result<()> {
     let emails = worker::email::run(
         email_deps,
         &email_queue,
-        &email_settings,
+        &settings,
         until_stop(stop.clone(), halted),
     );
     let (events, emails) = tokio::join!(

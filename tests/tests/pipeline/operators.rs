@@ -35,15 +35,6 @@ fn json(stdout: &str) -> Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
-fn checkout_event(customer: &Customer, created: i64) -> Value {
-    event(
-        &format!("evt_{}_checkout", customer.customer_id),
-        "checkout.session.completed",
-        created,
-        customer.checkout_session("subscription"),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_organization_never_resolves_dies_and_replays_once_the_cause_is_fixed() {
     let mut extra = FAST_RECOVERY.to_vec();
@@ -98,7 +89,7 @@ async fn an_event_whose_organization_never_resolves_dies_and_replays_once_the_ca
 
     // The fix: the checkout that links the customer arrives (late). A dead letter is not
     // released by it; the operator replays it.
-    let checkout = checkout_event(&customer, now() - 120);
+    let checkout = customer.checkout_event(now() - 120);
     assert_eq!(p.client.post_event(&checkout).await.0, 200);
     let checkout_id = checkout["id"].as_str().expect("id");
     assert_eq!(p.wait_for_decision(checkout_id).await, ["applied"]);
@@ -160,7 +151,7 @@ async fn transient_failures_are_retried_until_max_attempts_then_replay_all_appli
     let customer = Customer::new(&unique_tag());
     let t = now();
     let period_end = t + 30 * 86_400;
-    let checkout = checkout_event(&customer, t - 10);
+    let checkout = customer.checkout_event(t - 10);
     let updated = event(
         &format!("evt_{}_updated", customer.customer_id),
         "customer.subscription.updated",
@@ -222,10 +213,10 @@ async fn a_permanent_failure_is_a_dead_letter_at_once() {
     let first = Customer::new(&unique_tag());
     let mut second = Customer::new(&unique_tag());
     second.customer_id = first.customer_id.clone();
-    let mut conflicting = checkout_event(&second, now());
+    let mut conflicting = second.checkout_event(now());
     conflicting["id"] = format!("evt_{}_conflict", unique_tag()).into();
 
-    let checkout = checkout_event(&first, now() - 5);
+    let checkout = first.checkout_event(now() - 5);
     assert_eq!(p.client.post_event(&checkout).await.0, 200);
     p.wait_for_decision(checkout["id"].as_str().expect("id"))
         .await;
@@ -249,7 +240,7 @@ async fn operator_commands_explain_events_and_reject_bad_arguments() {
     let mut p = Pipeline::start(FAST_RECOVERY).await;
     p.start_worker();
     let customer = Customer::new(&unique_tag());
-    let checkout = checkout_event(&customer, now() - 5);
+    let checkout = customer.checkout_event(now() - 5);
     let id = checkout["id"].as_str().expect("id");
     assert_eq!(p.client.post_event(&checkout).await.0, 200);
     assert_eq!(p.wait_for_decision(id).await, ["applied"]);

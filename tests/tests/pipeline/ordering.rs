@@ -98,12 +98,7 @@ async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_s
 /// failed renewal (which alone would mean `past_due`).
 async fn post_same_second_tie(p: &Pipeline, customer: &Customer) -> String {
     let t = now();
-    let checkout = event(
-        &format!("evt_{}_checkout", customer.customer_id),
-        "checkout.session.completed",
-        t - 10,
-        customer.checkout_session("subscription"),
-    );
+    let checkout = customer.checkout_event(t - 10);
     let updated = event(
         &format!("evt_{}_updated", customer.customer_id),
         "customer.subscription.updated",
@@ -178,12 +173,7 @@ async fn a_subscription_event_before_its_checkout_is_deferred_then_applied() {
     let (status, _) = p.client.billing(&customer.organization_id).await;
     assert_eq!(status, 404, "nothing is known of the organization yet");
 
-    let checkout = event(
-        &format!("evt_{}_checkout", customer.customer_id),
-        "checkout.session.completed",
-        t - 1,
-        customer.checkout_session("subscription"),
-    );
+    let checkout = customer.checkout_event(t - 1);
     assert_eq!(p.client.post_event(&checkout).await.0, 200);
     let body = p
         .wait_for_billing(
@@ -204,12 +194,7 @@ async fn events_of_an_older_api_version_apply() {
     let t = now();
     let period_end = t + 30 * 86_400;
     let mut events = vec![
-        event(
-            &format!("evt_{}_checkout", customer.customer_id),
-            "checkout.session.completed",
-            t,
-            customer.checkout_session("subscription"),
-        ),
+        customer.checkout_event(t),
         event(
             &format!("evt_{}_created", customer.customer_id),
             "customer.subscription.created",

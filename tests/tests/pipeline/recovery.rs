@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use e2e::harness::{IngestClient, Pipeline, TcpProxy, eventually, unique_tag};
-use e2e::stripe_events::{Customer, event, subscription_lifecycle};
+use e2e::stripe_events::{Customer, subscription_lifecycle};
 use serde_json::Value;
 
 /// A sweeper that notices lost jobs within a couple of seconds, and short retries.
@@ -205,12 +205,7 @@ async fn ingest_answers_503_while_postgres_is_down_and_accepts_the_next_delivery
     })
     .await;
     let customer = Customer::new(&unique_tag());
-    let checkout = event(
-        &format!("evt_{}_checkout", customer.customer_id),
-        "checkout.session.completed",
-        chrono::Utc::now().timestamp(),
-        customer.checkout_session("subscription"),
-    );
+    let checkout = customer.checkout_event(chrono::Utc::now().timestamp());
 
     proxy.cut();
     let (status, body) = p.client.post_event(&checkout).await;
@@ -238,12 +233,7 @@ async fn with_redis_down_ingest_answers_200_and_the_sweeper_delivers_the_event()
     // The worker reaches Redis directly; only ingest loses it.
     p.start_worker();
     let customer = Customer::new(&unique_tag());
-    let checkout = event(
-        &format!("evt_{}_checkout", customer.customer_id),
-        "checkout.session.completed",
-        chrono::Utc::now().timestamp(),
-        customer.checkout_session("subscription"),
-    );
+    let checkout = customer.checkout_event(chrono::Utc::now().timestamp());
 
     proxy.cut();
     let (status, body) = p.client.post_event(&checkout).await;
