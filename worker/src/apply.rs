@@ -8,16 +8,18 @@
 //! organization row, so two workers never deadlock; two events of one organization (or one
 //! customer) are applied one after the other.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use shared::billing::{self, BillingChange, BillingState, Outcome, PlanStatus, Precedence};
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::db::organizations::Organization;
+use shared::db::webhook_events::StoredEvent;
 use shared::db::{organizations, processed_events, webhook_events};
 use shared::queue::EventQueue;
 use shared::retry::Backoff;
-use shared::stripe::{self, CheckoutLink, Event, PlanMapping};
+use shared::stripe::{self, CheckoutLink, Event, Interpretation as Facts, PlanMapping};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::stripe_api::{StripeApi, StripeApiError};
@@ -112,7 +114,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn from_verdict(verdict: Verdict, stored: &webhook_events::StoredEvent) -> Report {
+    fn from_verdict(verdict: Verdict, stored: &StoredEvent) -> Report {
         Report {
             decision: verdict.decision,
             organization_id: verdict.organization_id,
@@ -158,20 +160,93 @@ pub async fn apply_event(
     event_id: &str,
     options: ApplyOptions,
 ) -> Result<Report, ApplyError> {
+    let mut reports = apply_events(deps, &[event_id], options).await?;
+    Ok(reports.remove(0))
+}
+
+/// Applies stored events in ONE transaction, one after the other in the order given, each
+/// exactly as [`apply_event`] would alone; returns a report per id, in that order. Any error
+/// rolls all of them back. An id given twice is applied once; the repeat is reported a
+/// duplicate without an audit row of its own.
+pub async fn apply_events(
+    deps: &Deps,
+    event_ids: &[&str],
+    options: ApplyOptions,
+) -> Result<Vec<Report>, ApplyError> {
+    let mut unique = event_ids.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
     let mut tx = deps.pool.begin().await?;
-    let (stored, claimed) = webhook_events::get_and_claim(&mut *tx, event_id)
-        .await?
-        .ok_or_else(|| ApplyError::UnknownEvent(event_id.to_owned()))?;
-    let mut verdict = if claimed || options.force {
-        decide(&mut tx, deps, &stored).await?
+    let claims = webhook_events::get_and_claim(&mut *tx, &unique).await?;
+    let position: HashMap<&str, usize> = claims
+        .iter()
+        .enumerate()
+        .map(|(n, (stored, _))| (stored.id.as_str(), n))
+        .collect();
+    // Each stored event once, in the order given, with what its rules say before any lock.
+    let mut seen = vec![false; claims.len()];
+    let mut work = Vec::with_capacity(claims.len());
+    let mut repeats = Vec::new();
+    for (at, id) in event_ids.iter().enumerate() {
+        let n = *position
+            .get(id)
+            .ok_or_else(|| ApplyError::UnknownEvent((*id).to_owned()))?;
+        if std::mem::replace(&mut seen[n], true) {
+            repeats.push((at, n));
+            continue;
+        }
+        let (stored, claimed) = &claims[n];
+        let reading = if *claimed || options.force {
+            read(stored, &deps.plans)
+        } else {
+            Err(Verdict::bare(Decision::Duplicate, "already processed"))
+        };
+        work.push((at, stored, reading));
+    }
+    let mut customers: Vec<&str> = work
+        .iter()
+        .filter_map(|(_, _, reading)| reading.as_ref().ok()?.customer_id.as_deref())
+        .collect();
+    customers.sort_unstable();
+    customers.dedup();
+    if !customers.is_empty() {
+        organizations::lock_customer_links(&mut *tx, &customers).await?;
+    }
+
+    let mut settled = Vec::with_capacity(work.len());
+    for (at, stored, reading) in work {
+        let verdict = match reading {
+            Ok(facts) => decide(&mut tx, deps, stored, facts).await?,
+            Err(verdict) => verdict,
+        };
+        settled.push((at, stored, within_deferral_window(verdict, stored, &deps.policy)));
+    }
+    let released = record(&mut tx, &deps.policy, &settled).await?;
+    if options.dry_run {
+        tx.rollback().await?;
     } else {
-        Verdict::bare(Decision::Duplicate, "already processed")
-    };
-    // A dead letter being replayed starts a fresh deferral window.
+        tx.commit().await?;
+        enqueue_released(&deps.queue, &released).await;
+    }
+
+    let mut reports: Vec<Option<Report>> = vec![None; event_ids.len()];
+    for (at, stored, verdict) in settled {
+        reports[at] = Some(Report::from_verdict(verdict, stored));
+    }
+    for (at, n) in repeats {
+        let verdict = Verdict::bare(Decision::Duplicate, "repeated in one batch");
+        reports[at] = Some(Report::from_verdict(verdict, &claims[n].0));
+    }
+    Ok(reports.into_iter().flatten().collect())
+}
+
+/// A deferral past the policy's window becomes a dead letter. A dead letter being replayed
+/// starts a fresh window.
+fn within_deferral_window(mut verdict: Verdict, stored: &StoredEvent, policy: &Policy) -> Verdict {
     let deferred_since = stored.deferred_since.filter(|_| stored.status != "dead");
     if verdict.decision == Decision::Deferred
         && let Some(since) = deferred_since
-        && Utc::now() - since >= delta(deps.policy.deferral_window)
+        && Utc::now() - since >= delta(policy.deferral_window)
     {
         verdict.decision = Decision::Dead;
         verdict.detail = Some(format!(
@@ -183,65 +258,84 @@ pub async fn apply_event(
             stored.deferrals
         ));
     }
-    let detail = verdict.detail.as_deref();
-    match verdict.decision {
-        // Claimed before means processed; heals a row a failed concurrent job left pending.
-        Decision::Duplicate if stored.status != "processed" => {
-            webhook_events::mark_processed(&mut *tx, event_id).await?;
+    verdict
+}
+
+/// Writes the decisions: inbox statuses, released deferrals and audit rows. Returns the ids of
+/// the deferred events released by new links, to enqueue after commit.
+async fn record(
+    tx: &mut Transaction<'static, Postgres>,
+    policy: &Policy,
+    settled: &[(usize, &StoredEvent, Verdict)],
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut processed = Vec::with_capacity(settled.len());
+    for (_, stored, verdict) in settled {
+        let id = stored.id.as_str();
+        let detail = verdict.detail.as_deref();
+        match verdict.decision {
+            // Claimed before means processed; heals a row a failed concurrent job left pending.
+            Decision::Duplicate if stored.status == "processed" => {}
+            Decision::Deferred => {
+                processed_events::delete(&mut **tx, id).await?;
+                let retry_at = after(policy.retry.delay(stored.deferrals as u32 + 1));
+                webhook_events::mark_deferred(
+                    &mut **tx,
+                    id,
+                    verdict.waiting_for_customer.as_deref(),
+                    detail.unwrap_or("organization not resolved yet"),
+                    retry_at,
+                )
+                .await?;
+            }
+            Decision::Dead => {
+                processed_events::delete(&mut **tx, id).await?;
+                webhook_events::mark_dead(&mut **tx, id, detail.unwrap_or("gave up")).await?;
+            }
+            _ => processed.push(id),
         }
-        Decision::Duplicate => {}
-        Decision::Deferred => {
-            processed_events::delete(&mut *tx, event_id).await?;
-            let retry_at = after(deps.policy.retry.delay(stored.deferrals as u32 + 1));
-            webhook_events::mark_deferred(
-                &mut *tx,
-                event_id,
-                verdict.waiting_for_customer.as_deref(),
-                detail.unwrap_or("organization not resolved yet"),
-                retry_at,
-            )
-            .await?;
-        }
-        Decision::Dead => {
-            processed_events::delete(&mut *tx, event_id).await?;
-            webhook_events::mark_dead(&mut *tx, event_id, detail.unwrap_or("gave up")).await?;
-        }
-        _ => webhook_events::mark_processed(&mut *tx, event_id).await?,
     }
-    let released = match &verdict.linked_customer {
-        Some(customer) => webhook_events::release_deferred(&mut *tx, customer).await?,
-        None => Vec::new(),
+    if !processed.is_empty() {
+        webhook_events::mark_processed(&mut **tx, &processed).await?;
+    }
+    // After the deferrals above: an event deferred earlier in this batch is released too.
+    let linked: Vec<&str> = settled
+        .iter()
+        .filter_map(|(_, _, verdict)| verdict.linked_customer.as_deref())
+        .collect();
+    let released = if linked.is_empty() {
+        Vec::new()
+    } else {
+        webhook_events::release_deferred(&mut **tx, &linked).await?
     };
-    billing_audit::insert(
-        &mut *tx,
-        &NewAuditEntry {
-            event_id,
+    let entries: Vec<NewAuditEntry<'_>> = settled
+        .iter()
+        .map(|(_, stored, verdict)| NewAuditEntry {
+            event_id: &stored.id,
             event_type: &stored.event_type,
             organization_id: verdict.organization_id.as_deref(),
             decision: verdict.decision,
             status_before: verdict.status_before,
             status_after: verdict.status_after,
-            detail,
-        },
-    )
-    .await?;
-    if options.dry_run {
-        tx.rollback().await?;
-        return Ok(Report::from_verdict(verdict, &stored));
-    }
-    tx.commit().await?;
+            detail: verdict.detail.as_deref(),
+        })
+        .collect();
+    billing_audit::insert(&mut **tx, &entries).await?;
+    Ok(released)
+}
 
-    if !released.is_empty() {
-        let ids: Vec<&str> = released.iter().map(String::as_str).collect();
-        tracing::info!(
-            count = ids.len(),
-            "released deferred events of a newly linked customer"
-        );
-        if let Err(e) = deps.queue.push(&ids).await {
-            tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
-        }
+/// Enqueues deferred events released by a new link; if that fails the sweeper enqueues them.
+async fn enqueue_released(queue: &EventQueue, released: &[String]) {
+    if released.is_empty() {
+        return;
     }
-    Ok(Report::from_verdict(verdict, &stored))
+    let ids: Vec<&str> = released.iter().map(String::as_str).collect();
+    tracing::info!(
+        count = ids.len(),
+        "released deferred events of a newly linked customer"
+    );
+    if let Err(e) = queue.push(&ids).await {
+        tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
+    }
 }
 
 /// What happened after a failed attempt.
@@ -275,7 +369,7 @@ pub async fn record_failure(
         if let Some(event_type) = webhook_events::mark_dead(&mut *tx, event_id, &reason).await? {
             billing_audit::insert(
                 &mut *tx,
-                &NewAuditEntry {
+                &[NewAuditEntry {
                     event_id,
                     event_type: &event_type,
                     organization_id: None,
@@ -283,7 +377,7 @@ pub async fn record_failure(
                     status_before: None,
                     status_after: None,
                     detail: Some(&reason),
-                },
+                }],
             )
             .await?;
         }
@@ -303,28 +397,27 @@ fn delta(duration: Duration) -> chrono::TimeDelta {
     chrono::TimeDelta::from_std(duration).unwrap_or(chrono::TimeDelta::MAX)
 }
 
-/// Everything between the claim and the writes of the inbox status and audit row.
+/// What an event says, read without the database; `Err` is the verdict on an event that
+/// cannot change billing state.
+fn read(stored: &StoredEvent, plans: &PlanMapping) -> Result<Facts, Verdict> {
+    let event: Event = serde_json::from_slice(&stored.payload).map_err(|e| {
+        Verdict::bare(
+            Decision::Ignored,
+            format!("payload is not a Stripe event: {e}"),
+        )
+    })?;
+    stripe::interpret(&event, plans)
+        .map_err(|ignored| Verdict::bare(Decision::Ignored, ignored.to_string()))
+}
+
+/// Everything between the claim and the writes of the inbox status and audit row. The
+/// customer's link lock is already held.
 async fn decide(
     tx: &mut Transaction<'static, Postgres>,
     deps: &Deps,
-    stored: &webhook_events::StoredEvent,
+    stored: &StoredEvent,
+    facts: Facts,
 ) -> Result<Verdict, ApplyError> {
-    let event: Event = match serde_json::from_slice(&stored.payload) {
-        Ok(event) => event,
-        Err(e) => {
-            return Ok(Verdict::bare(
-                Decision::Ignored,
-                format!("payload is not a Stripe event: {e}"),
-            ));
-        }
-    };
-    let facts = match stripe::interpret(&event, &deps.plans) {
-        Ok(facts) => facts,
-        Err(ignored) => return Ok(Verdict::bare(Decision::Ignored, ignored.to_string())),
-    };
-    if let Some(customer) = &facts.customer_id {
-        organizations::lock_customer_link(&mut **tx, customer).await?;
-    }
     let org = match (&facts.organization_id, &facts.customer_id) {
         (Some(id), _) => Some(organizations::ensure_and_lock(tx, id).await?),
         (None, Some(customer)) => organizations::lock_by_customer(&mut **tx, customer).await?,

@@ -64,23 +64,30 @@ pub struct NewAuditEntry<'a> {
     pub detail: Option<&'a str>,
 }
 
-/// Appends one decision.
-pub async fn insert<'e>(
+/// Appends decisions, in one statement and in the order given.
+pub async fn insert<'e, 'a>(
     db: impl PgExecutor<'e>,
-    entry: &NewAuditEntry<'_>,
+    entries: &[NewAuditEntry<'a>],
 ) -> Result<(), sqlx::Error> {
+    let text = |f: fn(&NewAuditEntry<'a>) -> Option<&'a str>| -> Vec<Option<&'a str>> {
+        entries.iter().map(f).collect()
+    };
+    let status = |f: fn(&NewAuditEntry<'a>) -> Option<PlanStatus>| -> Vec<Option<PlanStatus>> {
+        entries.iter().map(f).collect()
+    };
     sqlx::query(
         "INSERT INTO billing_audit
             (event_id, event_type, organization_id, decision, status_before, status_after, detail)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                              $5::plan_status[], $6::plan_status[], $7::text[])",
     )
-    .bind(entry.event_id)
-    .bind(entry.event_type)
-    .bind(entry.organization_id)
-    .bind(entry.decision.as_str())
-    .bind(entry.status_before)
-    .bind(entry.status_after)
-    .bind(entry.detail)
+    .bind(text(|e| Some(e.event_id)))
+    .bind(text(|e| Some(e.event_type)))
+    .bind(text(|e| e.organization_id))
+    .bind(text(|e| Some(e.decision.as_str())))
+    .bind(status(|e| e.status_before))
+    .bind(status(|e| e.status_after))
+    .bind(text(|e| e.detail))
     .execute(db)
     .await?;
     Ok(())

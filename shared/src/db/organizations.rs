@@ -198,16 +198,20 @@ pub async fn owner_of_customer<'e>(
         .await
 }
 
-/// Serializes, until the transaction ends, every transaction that resolves or links this
-/// Stripe customer. Without it an event deferred for want of the link could commit its
+/// Serializes, until the transaction ends, every transaction that resolves or links these
+/// Stripe customers. Without it an event deferred for want of the link could commit its
 /// deferral just after a concurrent checkout released the customer's deferred events, and wait
-/// forever. Take it before locking any organization row (one lock order, no deadlock).
-pub async fn lock_customer_link<'e>(
+/// forever. Take them before locking any organization row, all at once and with the ids
+/// distinct and sorted (the locks are taken in array order): one lock order, no deadlock.
+pub async fn lock_customer_links<'e>(
     db: impl PgExecutor<'e>,
-    customer_id: &str,
+    customer_ids: &[&str],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('stripe-customer:' || $1, 0))")
-        .bind(customer_id)
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('stripe-customer:' || customer, 0))
+         FROM unnest($1::text[]) AS customer",
+    )
+    .bind(customer_ids)
         .execute(db)
         .await?;
     Ok(())

@@ -194,36 +194,40 @@ struct ClaimedEvent {
     event: StoredEvent,
     claimed: bool,
 }
-/// The apply transaction's first statement, one round trip for two things: claims the event
-/// in `processed_events` (`false` when it was already processed; a concurrent claim of the
-/// same id waits for the other transaction and then gets `false`) and reads it. `None` when
-/// no such event is stored (the claim is then rolled back with the transaction).
+
+/// The apply transaction's first statement, one round trip for two things: claims the events
+/// in `processed_events` (`false` for one already processed; a concurrent claim of the same id
+/// waits for the other transaction and then gets `false`) and reads them. Ids must be distinct
+/// and sorted, so concurrent claims take their row locks in one order. Events not stored are
+/// missing from the result (their claims are rolled back with the transaction); the order of
+/// the result is unspecified.
 pub async fn get_and_claim<'e>(
     db: impl PgExecutor<'e>,
-    id: &str,
-) -> Result<Option<(StoredEvent, bool)>, sqlx::Error> {
-    let row: Option<ClaimedEvent> = sqlx::query_as(concat!(
+    ids: &[&str],
+) -> Result<Vec<(StoredEvent, bool)>, sqlx::Error> {
+    let rows: Vec<ClaimedEvent> = sqlx::query_as(concat!(
         "WITH claim AS (
-             INSERT INTO processed_events (id) VALUES ($1) ON CONFLICT (id) DO NOTHING
+             INSERT INTO processed_events (id) SELECT unnest($1::text[])
+             ON CONFLICT (id) DO NOTHING
              RETURNING id)
          SELECT ",
         stored_event_columns!(),
-        ", EXISTS (SELECT 1 FROM claim) AS claimed FROM webhook_events WHERE id = $1"
+        ", id IN (SELECT id FROM claim) AS claimed FROM webhook_events WHERE id = ANY($1)"
     ))
-    .bind(id)
-    .fetch_optional(db)
+    .bind(ids)
+    .fetch_all(db)
     .await?;
-    Ok(row.map(|row| (row.event, row.claimed)))
+    Ok(rows.into_iter().map(|row| (row.event, row.claimed)).collect())
 }
 
-/// Records that a decision was committed for the event.
-pub async fn mark_processed<'e>(db: impl PgExecutor<'e>, id: &str) -> Result<(), sqlx::Error> {
+/// Records that decisions were committed for the events.
+pub async fn mark_processed<'e>(db: impl PgExecutor<'e>, ids: &[&str]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE webhook_events
          SET status = 'processed', processed_at = now(), last_error = NULL, retry_at = NULL
-         WHERE id = $1",
+         WHERE id = ANY($1)",
     )
-    .bind(id)
+    .bind(ids)
     .execute(db)
     .await?;
     Ok(())
@@ -253,18 +257,18 @@ pub async fn mark_deferred<'e>(
     .await
 }
 
-/// Makes the deferred events of a customer pending again (its link was just written) and
-/// returns their ids, so the caller can enqueue them after commit.
+/// Makes the deferred events of these customers pending again (their links were just written)
+/// and returns their ids, so the caller can enqueue them after commit.
 pub async fn release_deferred<'e>(
     db: impl PgExecutor<'e>,
-    customer_id: &str,
+    customer_ids: &[&str],
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE webhook_events SET status = 'pending', enqueued_at = now(), retry_at = NULL
-         WHERE status = 'deferred' AND stripe_customer_id = $1
+         WHERE status = 'deferred' AND stripe_customer_id = ANY($1)
          RETURNING id",
     )
-    .bind(customer_id)
+    .bind(customer_ids)
     .fetch_all(db)
     .await
 }
