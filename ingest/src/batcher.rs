@@ -1,14 +1,9 @@
-//! Group commit of the inbox: concurrent webhook deliveries share one multi-row
-//! `INSERT … ON CONFLICT (id) DO NOTHING RETURNING id`, hence one commit (one WAL flush), and
-//! their new ids one Redis push. A commit costs the same for one row or a hundred, so under a
-//! burst this is what lets ingest answer thousands of deliveries a second with every answer still
-//! given only after the commit that holds its event.
-//!
-//! Shape: handlers send `(event, reply)` into a bounded channel; one collector task takes a
-//! writer permit, then drains whatever is waiting (up to [`BatcherSettings::max_batch`]) and
-//! hands that batch to a writer task. With [`BatcherSettings::writers`] permits, batches
-//! pipeline on that many pool connections: while one commit is in flight the next batch fills.
-//! No timer: an idle ingest writes a lone event at once, a busy one writes bigger batches.
+//! Group commit of the inbox (see `shared::group`): concurrent webhook deliveries share one
+//! multi-row `INSERT … ON CONFLICT (id) DO NOTHING RETURNING id`, hence one commit (one WAL
+//! flush), and their new ids one Redis push. Under a burst this is what lets ingest answer
+//! thousands of deliveries a second with every answer still given only after the commit that
+//! holds its event. With [`BatcherSettings::writers`] batches in flight, each on its own pool
+//! connection, the next batch fills while one commit is in flight.
 //!
 //! Invariants: a reply is sent only after the batch's statement has returned (committed);
 //! duplicates inside a batch are inserted once and only the first occurrence counts as new;
@@ -21,11 +16,12 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use chrono::{DateTime, Utc};
 use shared::db::webhook_events::{self, NewEvent};
+use shared::group::{Group, GroupSettings};
 use shared::metrics::{ENQUEUE_FAILURES, INGEST_BATCH_EVENTS};
 use shared::queue::EventQueue;
 use sqlx::PgPool;
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinHandle;
 
 /// A verified event, owned so it can wait in the batcher's channel.
 #[derive(Debug)]
@@ -92,16 +88,11 @@ impl Default for BatcherSettings {
     }
 }
 
-struct Request {
-    event: VerifiedEvent,
-    reply: oneshot::Sender<Result<bool, StoreError>>,
-}
-
 /// The handlers' side of the group commit. Cheap to clone; when the last clone is dropped the
 /// batcher writes what is waiting and its task ends.
 #[derive(Debug, Clone)]
 pub struct Batcher {
-    requests: mpsc::Sender<Request>,
+    group: Group<VerifiedEvent, Result<bool, StoreError>>,
 }
 
 impl Batcher {
@@ -112,136 +103,64 @@ impl Batcher {
         queue: EventQueue,
         settings: BatcherSettings,
     ) -> (Batcher, JoinHandle<()>) {
-        let (requests, receiver) = mpsc::channel(settings.channel_capacity.max(1));
-        let task = tokio::spawn(collect(receiver, pool, queue, settings));
-        (Batcher { requests }, task)
+        let group_settings = GroupSettings {
+            max_batch: settings.max_batch,
+            in_flight: settings.writers,
+            channel_capacity: settings.channel_capacity,
+        };
+        let (group, task) = Group::start(group_settings, move |batch, slot| {
+            let (pool, queue) = (pool.clone(), queue.clone());
+            async move { write(batch, &pool, &queue, slot).await }
+        });
+        (Batcher { group }, task)
     }
 
     /// Stores the event with the next group commit: `Ok(true)` when it was new (and has been
     /// enqueued), `Ok(false)` for a duplicate. Returns only after the commit.
     pub async fn store(&self, event: VerifiedEvent) -> Result<bool, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request { event, reply })
+        self.group
+            .call(event)
             .await
-            .map_err(|_| StoreError::Gone)?;
-        answer.await.unwrap_or(Err(StoreError::Gone))
+            .unwrap_or(Err(StoreError::Gone))
     }
 }
 
-async fn collect(
-    mut receiver: mpsc::Receiver<Request>,
-    pool: PgPool,
-    queue: EventQueue,
-    settings: BatcherSettings,
-) {
-    let max_batch = settings.max_batch.max(1);
-    let writers = Arc::new(Semaphore::new(settings.writers.max(1)));
-    let mut in_flight = JoinSet::new();
-    loop {
-        // Take the permit first: while every writer is busy, deliveries pile up in the channel
-        // and the next batch gets them all.
-        let Ok(permit) = Arc::clone(&writers).acquire_owned().await else {
-            break;
-        };
-        let mut batch = Vec::with_capacity(max_batch);
-        if receiver.recv_many(&mut batch, max_batch).await == 0 {
-            break;
-        }
-        let (pool, queue) = (pool.clone(), queue.clone());
-        in_flight.spawn(async move { write(batch, &pool, &queue, permit).await });
-        while in_flight.try_join_next().is_some() {}
-    }
-    while in_flight.join_next().await.is_some() {}
-}
-
-/// Inserts one batch, enqueues its new ids, then answers each request. The writer permit is
-/// released as soon as the insert returns: the Redis push needs no database connection, and
+/// Inserts one batch, enqueues its new ids, and returns each request's answer. The writer
+/// permit is released as soon as the insert returns: the Redis push needs no database connection, and
 /// the next batch's insert may overlap it.
 async fn write(
-    batch: Vec<Request>,
+    batch: Vec<VerifiedEvent>,
     pool: &PgPool,
     queue: &EventQueue,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
+    permit: OwnedSemaphorePermit,
+) -> Vec<Result<bool, StoreError>> {
     ::metrics::histogram!(INGEST_BATCH_EVENTS).record(batch.len() as f64);
     // The first occurrence of each id is inserted; repeats can only be duplicates.
     let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
     let mut unique = Vec::with_capacity(batch.len());
-    for (n, request) in batch.iter().enumerate() {
-        first_of.entry(&request.event.id).or_insert_with(|| {
-            unique.push(request.event.as_new_event());
+    for (n, event) in batch.iter().enumerate() {
+        first_of.entry(&event.id).or_insert_with(|| {
+            unique.push(event.as_new_event());
             n
         });
     }
     let inserted = webhook_events::insert_many(pool, &unique).await;
     drop(permit);
-    let outcome = match inserted {
+    match inserted {
         Ok(new_ids) => {
             let ids: Vec<&str> = new_ids.iter().map(String::as_str).collect();
             if let Err(e) = queue.push(&ids).await {
                 ::metrics::counter!(ENQUEUE_FAILURES).increment(ids.len() as u64);
                 tracing::warn!(events = ids.len(), error = %e, "events stored but not enqueued; the sweeper will enqueue them");
             }
-            let new_at: Vec<usize> = ids
-                .iter()
-                .filter_map(|id| first_of.get(id).copied())
-                .collect();
-            let mut is_new = vec![false; batch.len()];
-            for n in new_at {
-                is_new[n] = true;
+            let mut is_new = vec![Ok(false); batch.len()];
+            for id in &ids {
+                if let Some(&n) = first_of.get(id) {
+                    is_new[n] = Ok(true);
+                }
             }
-            Ok(is_new)
+            is_new
         }
-        Err(e) => Err(StoreError::Insert(Arc::new(e))),
-    };
-    drop(unique);
-    drop(first_of);
-    for (n, request) in batch.into_iter().enumerate() {
-        let answer = match &outcome {
-            Ok(is_new) => Ok(is_new[n]),
-            Err(e) => Err(e.clone()),
-        };
-        // The caller may have gone (client disconnected); its event is stored all the same.
-        let _ = request.reply.send(answer);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(id: &str) -> VerifiedEvent {
-        VerifiedEvent {
-            id: id.to_owned(),
-            event_type: "invoice.paid".to_owned(),
-            livemode: false,
-            api_version: None,
-            stripe_created: Utc::now(),
-            payload: Bytes::from_static(b"{}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_request_whose_batcher_is_gone_fails_instead_of_hanging() {
-        let (requests, receiver) = mpsc::channel(1);
-        drop(receiver);
-        let batcher = Batcher { requests };
-        assert!(matches!(
-            batcher.store(event("evt_1")).await,
-            Err(StoreError::Gone)
-        ));
-    }
-
-    #[tokio::test]
-    async fn a_request_dropped_by_its_writer_fails_instead_of_hanging() {
-        let (requests, mut receiver) = mpsc::channel(1);
-        let batcher = Batcher { requests };
-        // A writer that takes the request and dies without answering.
-        tokio::spawn(async move { drop(receiver.recv().await) });
-        assert!(matches!(
-            batcher.store(event("evt_1")).await,
-            Err(StoreError::Gone)
-        ));
+        Err(e) => vec![Err(StoreError::Insert(Arc::new(e))); batch.len()],
     }
 }

@@ -312,8 +312,15 @@ pub struct WorkerConfig {
     pub stripe_api_base: String,
     /// `METRICS_ADDR`, default `0.0.0.0:9101`.
     pub metrics_addr: SocketAddr,
-    /// `WORKER_CONCURRENCY`: jobs in flight per process, default 8.
+    /// `WORKER_CONCURRENCY`: event jobs in flight per process, default 64.
     pub concurrency: usize,
+    /// `APPLY_BATCH_SIZE`: most events applied in one transaction, default 32 (1 applies
+    /// each event alone).
+    pub apply_batch_size: usize,
+    /// `APPLY_TRANSACTIONS`: apply transactions in flight per process, default 2.
+    pub apply_transactions: usize,
+    /// `EMAIL_CONCURRENCY`: email jobs in flight per process, default 4.
+    pub email_concurrency: usize,
     /// `QUEUE_POLL_INTERVAL_MS`: how often an idle worker looks for jobs, default 250.
     pub poll_interval: Duration,
     /// `MAX_ATTEMPTS`: failed attempts before an event becomes a dead letter, default 8.
@@ -364,9 +371,14 @@ impl EmailConfig {
 impl WorkerConfig {
     /// Reads and validates every worker variable.
     pub fn load(source: &Source) -> Result<WorkerConfig, ConfigError> {
-        let concurrency = source.positive("WORKER_CONCURRENCY", 8)? as usize;
+        let concurrency = source.positive("WORKER_CONCURRENCY", 64)? as usize;
+        let apply_transactions = source.positive("APPLY_TRANSACTIONS", 2)? as usize;
+        let email_concurrency = source.positive("EMAIL_CONCURRENCY", 4)? as usize;
+        // Each apply transaction and email job holds a connection; the rest serve the sweeper,
+        // the fallback of a failed batch and the operator commands.
+        let pool = apply_transactions + email_concurrency + 4;
         Ok(WorkerConfig {
-            database: DatabaseConfig::load(source, concurrency as u32 + 4)?,
+            database: DatabaseConfig::load(source, pool as u32)?,
             queue: QueueConfig::load(source)?,
             plans: PlanMapping {
                 basic_price: source.required("STRIPE_BASIC_PRICE_KEY")?,
@@ -379,6 +391,9 @@ impl WorkerConfig {
                 .unwrap_or_else(|| "https://api.stripe.com".to_owned()),
             metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
             concurrency,
+            apply_batch_size: source.positive("APPLY_BATCH_SIZE", 32)? as usize,
+            apply_transactions,
+            email_concurrency,
             poll_interval: source.millis("QUEUE_POLL_INTERVAL_MS", 250)?,
             max_attempts: source.positive("MAX_ATTEMPTS", 8)?.min(i32::MAX as u64) as i32,
             retry: source.backoff()?,

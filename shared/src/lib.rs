@@ -1,11 +1,12 @@
 //! What `ingest` and `worker` share: configuration, all SQL, the billing rules, the Stripe
-//! payload models, signature checks, Enterprise requests, the queues, telemetry and metrics.
+//! payload models, signature checks, Enterprise requests, group work, the queues, telemetry and metrics.
 
 pub mod billing;
 pub mod config;
 pub mod db;
 pub mod email_address;
 pub mod enterprise;
+pub mod group;
 pub mod metrics;
 pub mod queue;
 pub mod retry;

@@ -35,8 +35,10 @@ pub const OUTBOX_EMAILS: &str = "billing_outbox_emails";
 pub const QUEUE_DEPTH: &str = "billing_queue_depth";
 /// Jobs the sweeper enqueued again (lost, or due after a failure or deferral).
 pub const SWEPT: &str = "billing_swept_total";
-/// Time to apply one event.
-pub const APPLY_DURATION: &str = "billing_event_apply_duration_seconds";
+/// Time of one apply transaction (a batch of events; see `APPLY_BATCH_SIZE`).
+pub const APPLY_DURATION: &str = "billing_apply_transaction_duration_seconds";
+/// Events per apply transaction.
+pub const APPLY_BATCH_EVENTS: &str = "billing_apply_batch_events";
 /// From ingest's commit to the worker's commit of the decision.
 pub const EVENT_LAG: &str = "billing_event_lag_seconds";
 
@@ -56,6 +58,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Full(APPLY_DURATION.into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(EVENT_LAG.into()), LAG_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(INGEST_BATCH_EVENTS.into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(APPLY_BATCH_EVENTS.into()), BATCH_BUCKETS)?
         .install_recorder()?;
     let upkeep = handle.clone();
     tokio::spawn(async move {

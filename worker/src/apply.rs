@@ -83,13 +83,16 @@ pub enum ApplyError {
     /// Refetching from Stripe failed.
     #[error(transparent)]
     StripeApi(#[from] StripeApiError),
+    /// The applier stopped before answering (shutting down, or it panicked).
+    #[error("the applier stopped before answering")]
+    Stopped,
 }
 
 impl ApplyError {
     /// Retrying later may succeed (database or network trouble); otherwise it never will.
     pub fn is_transient(&self) -> bool {
         match self {
-            ApplyError::Database(_) => true,
+            ApplyError::Database(_) | ApplyError::Stopped => true,
             ApplyError::StripeApi(e) => e.is_transient(),
             ApplyError::UnknownEvent(_) | ApplyError::CustomerConflict { .. } => false,
         }
@@ -219,7 +222,11 @@ pub async fn apply_events(
             Ok(facts) => decide(&mut tx, deps, stored, facts).await?,
             Err(verdict) => verdict,
         };
-        settled.push((at, stored, within_deferral_window(verdict, stored, &deps.policy)));
+        settled.push((
+            at,
+            stored,
+            within_deferral_window(verdict, stored, &deps.policy),
+        ));
     }
     let released = record(&mut tx, &deps.policy, &settled).await?;
     if options.dry_run {

@@ -1,5 +1,12 @@
 //! The consuming side of the event queue, and the only worker module that touches apalis.
 //!
+//! Group apply (see `shared::group`): the jobs in flight hand their event ids to one applier,
+//! which applies whatever is waiting, up to [`ApplySettings::batch_size`] events, in one
+//! transaction (`apply::apply_events`), with up to [`ApplySettings::transactions`] of them in
+//! flight. Every job still gets its own report and finishes only after the commit that holds its
+//! decision. If a batch fails, its events are applied again one by one, so one bad event never
+//! holds back the others and each failure is recorded against its own event.
+//!
 //! Retry policy (ours, not apalis'; see `shared::retry`): a failed attempt is recorded in the
 //! inbox row with its next attempt time, and the job finishes; the sweeper enqueues the row
 //! again when it is due. At `MAX_ATTEMPTS`, or at once for a permanent failure, the row becomes
@@ -11,11 +18,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
-use shared::metrics::{APPLY_DURATION, DEAD_LETTERS, EVENT_FAILURES, EVENT_LAG, EVENTS_DECIDED};
+use shared::group::{Group, GroupSettings};
+use shared::metrics::{
+    APPLY_BATCH_EVENTS, APPLY_DURATION, DEAD_LETTERS, EVENT_FAILURES, EVENT_LAG, EVENTS_DECIDED,
+};
 use shared::queue::ApplyEventV1;
-use tracing::Instrument;
 
-use crate::apply::{ApplyError, ApplyOptions, Deps, FailureOutcome, apply_event, record_failure};
+use crate::apply::{
+    ApplyError, ApplyOptions, Deps, FailureOutcome, Report, apply_event, apply_events,
+    record_failure,
+};
 
 /// How a consumer runs (the event and the email consumer alike).
 #[derive(Debug, Clone)]
@@ -24,6 +36,64 @@ pub struct ConsumerSettings {
     pub concurrency: usize,
     /// How often an idle worker looks for jobs.
     pub poll_interval: Duration,
+}
+
+/// How events are grouped into transactions.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplySettings {
+    /// Most events applied in one transaction.
+    pub batch_size: usize,
+    /// Apply transactions in flight at once, each on its own pool connection.
+    pub transactions: usize,
+}
+
+/// Applies events in groups; cheap to clone.
+#[derive(Clone)]
+struct Applier {
+    group: Group<String, Result<Report, ApplyError>>,
+}
+
+impl Applier {
+    fn start(deps: Arc<Deps>, settings: ApplySettings) -> Applier {
+        let group_settings = GroupSettings {
+            max_batch: settings.batch_size,
+            in_flight: settings.transactions,
+            channel_capacity: 4096,
+        };
+        let (group, _task) = Group::start(group_settings, move |ids, _slot| {
+            let deps = Arc::clone(&deps);
+            async move { apply_batch(&deps, ids).await }
+        });
+        Applier { group }
+    }
+
+    async fn apply(&self, event_id: String) -> Result<Report, ApplyError> {
+        self.group
+            .call(event_id)
+            .await
+            .unwrap_or(Err(ApplyError::Stopped))
+    }
+}
+
+/// One transaction for the batch; if it fails, one per event.
+async fn apply_batch(deps: &Deps, ids: Vec<String>) -> Vec<Result<Report, ApplyError>> {
+    metrics::histogram!(APPLY_BATCH_EVENTS).record(ids.len() as f64);
+    let started = Instant::now();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let result = apply_events(deps, &refs, ApplyOptions::default()).await;
+    metrics::histogram!(APPLY_DURATION).record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(reports) => reports.into_iter().map(Ok).collect(),
+        Err(e) if ids.len() == 1 => vec![Err(e)],
+        Err(e) => {
+            tracing::info!(events = ids.len(), error = %e, "a batch failed; applying its events one by one");
+            let mut results = Vec::with_capacity(ids.len());
+            for id in &ids {
+                results.push(apply_event(deps, id, ApplyOptions::default()).await);
+            }
+            results
+        }
+    }
 }
 
 /// A name unique to this process incarnation: apalis refuses to register a name that was
@@ -42,15 +112,20 @@ pub fn worker_name(kind: &str) -> String {
 pub async fn run(
     deps: Deps,
     settings: &ConsumerSettings,
+    apply: ApplySettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let name = worker_name("worker");
-    tracing::info!(worker = %name, concurrency = settings.concurrency, "consuming events");
+    tracing::info!(worker = %name, concurrency = settings.concurrency, batch_size = apply.batch_size, transactions = apply.transactions, "consuming events");
     let storage = deps
         .queue
         .storage()
         .poll_with_interval(settings.poll_interval);
-    let context = Arc::new(deps);
+    let deps = Arc::new(deps);
+    let context = Context {
+        applier: Applier::start(Arc::clone(&deps), apply),
+        deps,
+    };
     let worker = WorkerBuilder::new(name)
         .backend(storage)
         .data(context)
@@ -66,14 +141,15 @@ pub async fn run(
     Ok(())
 }
 
-async fn handle(job: ApplyEventV1, deps: Data<Arc<Deps>>) -> Result<(), BoxDynError> {
-    let span = tracing::info_span!("apply_event", event.id = %job.event_id);
-    let started = Instant::now();
-    let result = apply_event(&deps, &job.event_id, ApplyOptions::default())
-        .instrument(span)
-        .await;
-    metrics::histogram!(APPLY_DURATION).record(started.elapsed().as_secs_f64());
-    match result {
+/// What each job needs.
+#[derive(Clone)]
+struct Context {
+    deps: Arc<Deps>,
+    applier: Applier,
+}
+
+async fn handle(job: ApplyEventV1, context: Data<Context>) -> Result<(), BoxDynError> {
+    match context.applier.apply(job.event_id.clone()).await {
         Ok(report) => {
             metrics::counter!(EVENTS_DECIDED, "decision" => report.decision.as_str()).increment(1);
             let lag = (chrono::Utc::now() - report.received_at).num_milliseconds() as f64 / 1000.0;
@@ -87,7 +163,7 @@ async fn handle(job: ApplyEventV1, deps: Data<Arc<Deps>>) -> Result<(), BoxDynEr
             );
             Ok(())
         }
-        Err(e) => fail(&deps, &job.event_id, e).await,
+        Err(e) => fail(&context.deps, &job.event_id, e).await,
     }
 }
 

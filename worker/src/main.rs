@@ -13,7 +13,7 @@ use shared::queue::EmailQueue;
 use shared::shutdown::Stop;
 use sqlx::PgPool;
 use worker::apply::{ApplyOptions, Deps, Policy};
-use worker::consume::ConsumerSettings;
+use worker::consume::{ApplySettings, ConsumerSettings};
 use worker::email::EmailDeps;
 use worker::ops::{self, Output};
 use worker::stripe_api::StripeApi;
@@ -245,8 +245,16 @@ async fn run() -> anyhow::Result<()> {
         },
         stop.clone().wait(),
     ));
-    let settings = ConsumerSettings {
+    let event_settings = ConsumerSettings {
         concurrency: config.concurrency,
+        poll_interval: config.poll_interval,
+    };
+    let apply_settings = ApplySettings {
+        batch_size: config.apply_batch_size,
+        transactions: config.apply_transactions,
+    };
+    let email_settings = ConsumerSettings {
+        concurrency: config.email_concurrency,
         poll_interval: config.poll_interval,
     };
 
@@ -259,11 +267,16 @@ async fn run() -> anyhow::Result<()> {
             _ = halted.wait_for(|halt| *halt) => {}
         }
     };
-    let events = worker::consume::run(deps, &settings, until_stop(stop.clone(), halted.clone()));
+    let events = worker::consume::run(
+        deps,
+        &event_settings,
+        apply_settings,
+        until_stop(stop.clone(), halted.clone()),
+    );
     let emails = worker::email::run(
         email_deps,
         &email_queue,
-        &settings,
+        &email_settings,
         until_stop(stop.clone(), halted),
     );
     let (events, emails) = tokio::join!(

@@ -212,7 +212,7 @@ pub async fn lock_customer_links<'e>(
          FROM unnest($1::text[]) AS customer",
     )
     .bind(customer_ids)
-        .execute(db)
-        .await?;
+    .execute(db)
+    .await?;
     Ok(())
 }

@@ -217,7 +217,10 @@ pub async fn get_and_claim<'e>(
     .bind(ids)
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(|row| (row.event, row.claimed)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.event, row.claimed))
+        .collect())
 }
 
 /// Records that decisions were committed for the events.
