@@ -206,20 +206,11 @@ pub async fn apply_events(
         };
         work.push((at, stored, reading));
     }
-    let mut customers: Vec<&str> = work
-        .iter()
-        .filter_map(|(_, _, reading)| reading.as_ref().ok()?.customer_id.as_deref())
-        .collect();
-    customers.sort_unstable();
-    customers.dedup();
-    if !customers.is_empty() {
-        organizations::lock_customer_links(&mut *tx, &customers).await?;
-    }
-
+    let mut orgs = Locked::take(&mut tx, &work).await?;
     let mut settled = Vec::with_capacity(work.len());
     for (at, stored, reading) in work {
         let verdict = match reading {
-            Ok(facts) => decide(&mut tx, deps, stored, facts).await?,
+            Ok(facts) => decide(&mut orgs, deps, stored, facts).await?,
             Err(verdict) => verdict,
         };
         settled.push((
@@ -228,6 +219,7 @@ pub async fn apply_events(
             within_deferral_window(verdict, stored, &deps.policy),
         ));
     }
+    orgs.save(&mut tx).await?;
     let released = record(&mut tx, &deps.policy, &settled).await?;
     if options.dry_run {
         tx.rollback().await?;
@@ -417,20 +409,89 @@ fn read(stored: &StoredEvent, plans: &PlanMapping) -> Result<Facts, Verdict> {
         .map_err(|ignored| Verdict::bare(Decision::Ignored, ignored.to_string()))
 }
 
-/// Everything between the claim and the writes of the inbox status and audit row. The
-/// customer's link lock is already held.
+/// The organizations a batch's events concern, locked for the whole transaction and changed
+/// in memory; [`Locked::save`] writes the changed ones.
+struct Locked {
+    orgs: Vec<Organization>,
+    changed: Vec<bool>,
+}
+
+impl Locked {
+    /// Locks the customer links the events name, then creates the organizations they name
+    /// and locks those and the ones linked to their customers; each kind of lock in sorted
+    /// order, customer links first, so concurrent batches never deadlock.
+    async fn take(
+        tx: &mut Transaction<'static, Postgres>,
+        work: &[(usize, &StoredEvent, Result<Facts, Verdict>)],
+    ) -> Result<Locked, sqlx::Error> {
+        let sorted = |field: fn(&Facts) -> Option<&str>| -> Vec<&str> {
+            let mut values: Vec<&str> = work
+                .iter()
+                .filter_map(|(_, _, reading)| field(reading.as_ref().ok()?))
+                .collect();
+            values.sort_unstable();
+            values.dedup();
+            values
+        };
+        let customers = sorted(|facts| facts.customer_id.as_deref());
+        let ids = sorted(|facts| facts.organization_id.as_deref());
+        if !customers.is_empty() {
+            organizations::lock_customer_links(&mut **tx, &customers).await?;
+        }
+        if !ids.is_empty() {
+            organizations::ensure_exist(&mut **tx, &ids).await?;
+        }
+        let orgs = if ids.is_empty() && customers.is_empty() {
+            Vec::new()
+        } else {
+            organizations::lock(&mut **tx, &ids, &customers).await?
+        };
+        Ok(Locked {
+            changed: vec![false; orgs.len()],
+            orgs,
+        })
+    }
+
+    fn find(&self, matches: impl Fn(&Organization) -> bool) -> Option<usize> {
+        self.orgs.iter().position(matches)
+    }
+
+    /// The organization, to change.
+    fn edit(&mut self, at: usize) -> &mut Organization {
+        self.changed[at] = true;
+        &mut self.orgs[at]
+    }
+
+    async fn save(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), sqlx::Error> {
+        let changed: Vec<&Organization> = self
+            .orgs
+            .iter()
+            .zip(&self.changed)
+            .filter_map(|(org, changed)| changed.then_some(org))
+            .collect();
+        if !changed.is_empty() {
+            organizations::save(&mut **tx, &changed).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything between the claim and the writes of the inbox status and audit row, on the
+/// batch's locked organizations.
 async fn decide(
-    tx: &mut Transaction<'static, Postgres>,
+    orgs: &mut Locked,
     deps: &Deps,
     stored: &StoredEvent,
     facts: Facts,
 ) -> Result<Verdict, ApplyError> {
-    let org = match (&facts.organization_id, &facts.customer_id) {
-        (Some(id), _) => Some(organizations::ensure_and_lock(tx, id).await?),
-        (None, Some(customer)) => organizations::lock_by_customer(&mut **tx, customer).await?,
+    let at = match (&facts.organization_id, &facts.customer_id) {
+        (Some(id), _) => orgs.find(|org| &org.id == id),
+        (None, Some(customer)) => {
+            orgs.find(|org| org.stripe_customer_id.as_ref() == Some(customer))
+        }
         (None, None) => None,
     };
-    let Some(org) = org else {
+    let Some(at) = at else {
         return Ok(match facts.customer_id {
             Some(customer) => Verdict {
                 waiting_for_customer: Some(customer.clone()),
@@ -447,9 +508,10 @@ async fn decide(
     };
 
     let linked_customer = match &facts.customer_id {
-        Some(customer) => link(tx, &org, customer, facts.link.as_ref()).await?,
+        Some(customer) => link(orgs, at, customer, facts.link.as_ref())?,
         None => None,
     };
+    let org = &orgs.orgs[at];
     let mut verdict = Verdict {
         decision: Decision::Applied,
         organization_id: Some(org.id.clone()),
@@ -474,13 +536,9 @@ async fn decide(
             Precedence::Older => {
                 let reason = match billing::fill_in(&current, &change) {
                     Some(filled) => {
-                        organizations::fill_in_details(
-                            &mut **tx,
-                            &org.id,
-                            filled.plan.as_deref(),
-                            filled.current_period_end,
-                        )
-                        .await?;
+                        let org = orgs.edit(at);
+                        org.plan = filled.plan;
+                        org.current_period_end = filled.current_period_end;
                         "older than the event behind the stored state; it filled in the plan \
                          and period end that state lacked"
                     }
@@ -492,16 +550,9 @@ async fn decide(
         };
     match outcome {
         Outcome::Changed(state) => {
-            organizations::set_billing_state(
-                &mut **tx,
-                &org.id,
-                &state,
-                &stored.id,
-                stored.stripe_created,
-            )
-            .await?;
             verdict.status_after = Some(state.plan_status);
             verdict.detail = None;
+            orgs.edit(at).set_billing_state(state, stored);
         }
         Outcome::Unchanged(reason) => verdict.detail = Some(reason.to_owned()),
     }
@@ -549,35 +600,39 @@ async fn settle_tie(
 /// Links the customer to the organization when the event says so. A checkout links
 /// explicitly (a customer owned by another organization is an error); any other event links
 /// only an organization that has no customer yet. Returns the customer newly linked.
-async fn link(
-    tx: &mut Transaction<'static, Postgres>,
-    org: &Organization,
+fn link(
+    orgs: &mut Locked,
+    at: usize,
     customer_id: &str,
     checkout: Option<&CheckoutLink>,
 ) -> Result<Option<String>, ApplyError> {
+    let org = &orgs.orgs[at];
     let already_linked = org.stripe_customer_id.as_deref() == Some(customer_id);
     if checkout.is_none() && org.stripe_customer_id.is_some() {
         return Ok(None);
     }
     if !already_linked
-        && let Some(owner) = organizations::owner_of_customer(&mut **tx, customer_id).await?
+        && let Some(owner) =
+            orgs.find(|other| other.stripe_customer_id.as_deref() == Some(customer_id))
     {
         if checkout.is_none() {
             return Ok(None);
         }
         return Err(ApplyError::CustomerConflict {
             customer_id: customer_id.to_owned(),
-            owner,
+            owner: orgs.orgs[owner].id.clone(),
             organization_id: org.id.clone(),
         });
     }
-    organizations::link_customer(
-        &mut **tx,
-        &org.id,
-        customer_id,
-        checkout.and_then(|c| c.subscription_id.as_deref()),
-        checkout.and_then(|c| c.billing_email.as_deref()),
-    )
-    .await?;
+    let org = orgs.edit(at);
+    org.stripe_customer_id = Some(customer_id.to_owned());
+    if let Some(checkout) = checkout {
+        if org.stripe_subscription_id.is_none() {
+            org.stripe_subscription_id = checkout.subscription_id.clone();
+        }
+        if checkout.billing_email.is_some() {
+            org.billing_email = checkout.billing_email.clone();
+        }
+    }
     Ok((!already_linked).then(|| customer_id.to_owned()))
 }

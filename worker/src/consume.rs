@@ -60,9 +60,13 @@ impl Applier {
             in_flight: settings.transactions,
             channel_capacity: 4096,
         };
-        let (group, _task) = Group::start(group_settings, move |ids, _slot| {
+        let (group, _task) = Group::start(group_settings, move |ids, slot| {
             let deps = Arc::clone(&deps);
-            async move { apply_batch(&deps, ids).await }
+            async move {
+                let answers = apply_batch(&deps, ids).await;
+                drop(slot);
+                answers
+            }
         });
         Applier { group }
     }

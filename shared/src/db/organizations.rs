@@ -1,11 +1,13 @@
-//! `organizations`: each customer organization's billing state. Writers lock the row
-//! (`SELECT … FOR UPDATE`) inside the apply transaction, so concurrent events of one
-//! organization are applied one after the other and none is lost.
+//! `organizations`: each customer organization's billing state. Writers lock the rows
+//! (`SELECT … FOR UPDATE`) inside the apply transaction, change them in memory and [`save`]
+//! them before commit, so concurrent events of one organization are applied one after the
+//! other and none is lost.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 
 use crate::billing::{BillingState, PlanStatus};
+use crate::db::webhook_events::StoredEvent;
 
 /// A stored organization.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
@@ -41,6 +43,18 @@ pub struct Organization {
 }
 
 impl Organization {
+    /// Takes a new billing state, set by `event`.
+    pub fn set_billing_state(&mut self, state: BillingState, event: &StoredEvent) {
+        self.plan = state.plan;
+        self.plan_status = state.plan_status;
+        self.stripe_subscription_id = state.subscription_id;
+        self.cancel_at_period_end = state.cancel_at_period_end;
+        self.current_period_end = state.current_period_end;
+        self.ended_at = state.ended_at;
+        self.state_event_id = Some(event.id.clone());
+        self.state_event_created = Some(event.stripe_created);
+    }
+
     /// The billing columns, as the rules see them.
     pub fn billing_state(&self) -> BillingState {
         BillingState {
@@ -78,110 +92,71 @@ pub async fn get<'e>(
     .await
 }
 
-/// Creates the organization if it does not exist, then locks and returns it.
-pub async fn ensure_and_lock(
-    db: &mut sqlx::PgConnection,
-    id: &str,
-) -> Result<Organization, sqlx::Error> {
-    sqlx::query("INSERT INTO organizations (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
-        .bind(id)
-        .execute(&mut *db)
-        .await?;
-    sqlx::query_as(concat!(
-        "SELECT ",
-        columns!(),
-        " FROM organizations WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_one(&mut *db)
-    .await
-}
-
-/// The organization linked to a Stripe customer, locked.
-pub async fn lock_by_customer<'e>(
-    db: impl PgExecutor<'e>,
-    customer_id: &str,
-) -> Result<Option<Organization>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "SELECT ",
-        columns!(),
-        " FROM organizations WHERE stripe_customer_id = $1 FOR UPDATE"
-    ))
-    .bind(customer_id)
-    .fetch_optional(db)
-    .await
-}
-
-/// Records the customer (and, when the organization has none yet, the subscription and
-/// billing email) from a completed checkout.
-pub async fn link_customer<'e>(
-    db: impl PgExecutor<'e>,
-    id: &str,
-    customer_id: &str,
-    subscription_id: Option<&str>,
-    billing_email: Option<&str>,
-) -> Result<(), sqlx::Error> {
+/// Creates the organizations that do not exist yet. Ids distinct and sorted: concurrent
+/// inserts of one new id wait for each other in one order.
+pub async fn ensure_exist<'e>(db: impl PgExecutor<'e>, ids: &[&str]) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE organizations SET
-            stripe_customer_id = $2,
-            stripe_subscription_id = COALESCE(stripe_subscription_id, $3),
-            billing_email = COALESCE($4, billing_email),
-            updated_at = now()
-         WHERE id = $1",
+        "INSERT INTO organizations (id) SELECT unnest($1::text[]) ON CONFLICT (id) DO NOTHING",
     )
-    .bind(id)
-    .bind(customer_id)
-    .bind(subscription_id)
-    .bind(billing_email)
+    .bind(ids)
     .execute(db)
     .await?;
     Ok(())
 }
 
-/// Writes a new billing state and the event that set it.
-pub async fn set_billing_state<'e>(
+/// Locks and returns the organizations with these ids and those linked to these customers,
+/// in id order (the order their row locks are taken in).
+pub async fn lock<'e>(
     db: impl PgExecutor<'e>,
-    id: &str,
-    state: &BillingState,
-    event_id: &str,
-    event_created: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE organizations SET
-            plan = $2, plan_status = $3, stripe_subscription_id = $4, cancel_at_period_end = $5,
-            current_period_end = $6, ended_at = $7, state_event_id = $8, state_event_created = $9,
-            updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(&state.plan)
-    .bind(state.plan_status)
-    .bind(&state.subscription_id)
-    .bind(state.cancel_at_period_end)
-    .bind(state.current_period_end)
-    .bind(state.ended_at)
-    .bind(event_id)
-    .bind(event_created)
-    .execute(db)
-    .await?;
-    Ok(())
+    ids: &[&str],
+    customer_ids: &[&str],
+) -> Result<Vec<Organization>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM organizations WHERE id = ANY($1) OR stripe_customer_id = ANY($2)
+         ORDER BY id FOR UPDATE"
+    ))
+    .bind(ids)
+    .bind(customer_ids)
+    .fetch_all(db)
+    .await
 }
 
-/// Fills in the plan and period end from an older snapshot ([`crate::billing::fill_in`]),
-/// leaving the status and the event the state came from as they are.
-pub async fn fill_in_details<'e>(
-    db: impl PgExecutor<'e>,
-    id: &str,
-    plan: Option<&str>,
-    current_period_end: Option<DateTime<Utc>>,
-) -> Result<(), sqlx::Error> {
+/// Writes the link and billing columns of locked organizations, all in one statement, and
+/// stamps `updated_at`.
+pub async fn save<'e>(db: impl PgExecutor<'e>, orgs: &[&Organization]) -> Result<(), sqlx::Error> {
+    fn column<'a, T: 'a>(orgs: &[&'a Organization], f: impl Fn(&'a Organization) -> T) -> Vec<T> {
+        orgs.iter().map(|org| f(org)).collect()
+    }
     sqlx::query(
-        "UPDATE organizations SET plan = $2, current_period_end = $3, updated_at = now()
-         WHERE id = $1",
+        "UPDATE organizations AS o SET
+            stripe_customer_id = n.stripe_customer_id,
+            stripe_subscription_id = n.stripe_subscription_id,
+            plan = n.plan, plan_status = n.plan_status, billing_email = n.billing_email,
+            cancel_at_period_end = n.cancel_at_period_end,
+            current_period_end = n.current_period_end, ended_at = n.ended_at,
+            state_event_created = n.state_event_created, state_event_id = n.state_event_id,
+            updated_at = now()
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::plan_status[],
+                     $6::text[], $7::bool[], $8::timestamptz[], $9::timestamptz[],
+                     $10::timestamptz[], $11::text[])
+              AS n(id, stripe_customer_id, stripe_subscription_id, plan, plan_status,
+                   billing_email, cancel_at_period_end, current_period_end, ended_at,
+                   state_event_created, state_event_id)
+         WHERE o.id = n.id",
     )
-    .bind(id)
-    .bind(plan)
-    .bind(current_period_end)
+    .bind(column(orgs, |o| o.id.as_str()))
+    .bind(column(orgs, |o| o.stripe_customer_id.as_deref()))
+    .bind(column(orgs, |o| o.stripe_subscription_id.as_deref()))
+    .bind(column(orgs, |o| o.plan.as_deref()))
+    .bind(column(orgs, |o| o.plan_status))
+    .bind(column(orgs, |o| o.billing_email.as_deref()))
+    .bind(column(orgs, |o| o.cancel_at_period_end))
+    .bind(column(orgs, |o| o.current_period_end))
+    .bind(column(orgs, |o| o.ended_at))
+    .bind(column(orgs, |o| o.state_event_created))
+    .bind(column(orgs, |o| o.state_event_id.as_deref()))
     .execute(db)
     .await?;
     Ok(())
