@@ -312,7 +312,8 @@ pub struct WorkerConfig {
     pub stripe_api_base: String,
     /// `METRICS_ADDR`, default `0.0.0.0:9101`.
     pub metrics_addr: SocketAddr,
-    /// `WORKER_CONCURRENCY`: event jobs in flight per process, default 64.
+    /// `WORKER_CONCURRENCY`: event jobs in flight per process, default 128. They wait for
+    /// group apply; it is not a number of connections.
     pub concurrency: usize,
     /// `APPLY_BATCH_SIZE`: most events applied in one transaction, default 32 (1 applies
     /// each event alone).
@@ -371,7 +372,7 @@ impl EmailConfig {
 impl WorkerConfig {
     /// Reads and validates every worker variable.
     pub fn load(source: &Source) -> Result<WorkerConfig, ConfigError> {
-        let concurrency = source.positive("WORKER_CONCURRENCY", 64)? as usize;
+        let concurrency = source.positive("WORKER_CONCURRENCY", 128)? as usize;
         let apply_transactions = source.positive("APPLY_TRANSACTIONS", 2)? as usize;
         let email_concurrency = source.positive("EMAIL_CONCURRENCY", 4)? as usize;
         // Each apply transaction and email job holds a connection; the rest serve the sweeper,

@@ -95,11 +95,14 @@ pub async fn ping(conn: &mut ConnectionManager) -> Result<(), QueueError> {
 }
 
 /// The apalis storage configuration of a queue, the same on both sides.
-/// No pub/sub events: workers poll (`poll_with_interval`), and nobody listens.
+/// No pub/sub events: workers poll (`poll_with_interval`), and nobody listens. A fetch takes
+/// up to 32 jobs: enough to fill a group-apply batch in one round trip (10, apalis' default,
+/// drained a backlog ~20 % slower).
 fn storage_config(queue_name: String) -> apalis_redis::Config {
     apalis_redis::Config::default()
         .queue(queue_name)
         .emit_events(false)
+        .batch_size(32)
         .heartbeat_interval(HEARTBEAT_INTERVAL)
         .missed_heartbeats(MISSED_HEARTBEATS)
 }

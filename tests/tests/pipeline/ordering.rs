@@ -2,6 +2,7 @@
 //! their checkout, and older API versions.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use e2e::harness::{FakeStripe, Pipeline, unique_tag};
 use e2e::stripe_events::{Customer, event, subscription_lifecycle};
@@ -14,27 +15,28 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_state() {
+/// The newest state each organization must end in: (plan status, cancel at period end, plan).
+type Expected = HashMap<String, (&'static str, bool, Option<&'static str>)>;
+
+/// A seed for the shuffles, printed so a failure can be replayed.
+fn delivery_rng() -> (u64, rand::rngs::StdRng) {
     let seed: u64 = std::env::var("DELIVERY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
     println!("delivery seed {seed} (replay with DELIVERY_SEED={seed})");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (seed, rand::rngs::StdRng::seed_from_u64(seed))
+}
 
-    let mut p = Pipeline::start(&[("WORKER_CONCURRENCY", "4")]).await;
-    // Two worker processes of four tasks each: eight concurrent appliers.
-    p.start_worker();
-    let first_worker = p.worker.take();
-    p.start_worker();
-
+/// `count` subscription lifecycles cut at random lengths, each event delivered 1–3 times, all
+/// shuffled: (the deliveries, the state each organization must end in, distinct events).
+fn shuffled_lifecycles(rng: &mut impl Rng, count: i64) -> (Vec<Value>, Expected, i64) {
     let run = unique_tag();
     let start = now() - 3600;
     let mut expected = HashMap::new();
     let mut deliveries = Vec::new();
     let mut total_events = 0;
-    for n in 0..30 {
+    for n in 0..count {
         let customer = Customer::new(&format!("{run}_{n}"));
         let mut steps = subscription_lifecycle(&customer, start + n * 20);
         steps.truncate(rng.random_range(1..=steps.len()));
@@ -53,8 +55,12 @@ async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_s
             }
         }
     }
-    deliveries.shuffle(&mut rng);
+    deliveries.shuffle(rng);
+    (deliveries, expected, total_events)
+}
 
+/// Posts every delivery, 16 at a time; each must be accepted.
+async fn deliver(p: &Pipeline, deliveries: Vec<Value>, seed: u64) {
     let client = p.client.clone();
     let statuses: Vec<u16> = futures::stream::iter(deliveries)
         .map(|ev| {
@@ -68,9 +74,12 @@ async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_s
         statuses.iter().all(|s| *s == 200),
         "seed {seed}: every delivery is accepted: {statuses:?}"
     );
+}
 
-    p.wait_until_all_processed(total_events).await;
-    for (organization_id, (status, cancel, plan)) in &expected {
+/// Every organization is in its newest event's state, and each of the `total_events` events
+/// has exactly one final decision whatever its duplicates.
+async fn assert_newest_states(p: &Pipeline, expected: &Expected, total_events: i64, seed: u64) {
+    for (organization_id, (status, cancel, plan)) in expected {
         let (code, body) = p.client.billing(organization_id).await;
         assert_eq!(code, 200, "seed {seed}: {organization_id}");
         assert_eq!(
@@ -84,14 +93,102 @@ async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_s
             "seed {seed}: {organization_id}: {body}"
         );
     }
-    // Exactly one final decision per event, whatever the duplicates.
     let finals = p.final_decisions().await;
     assert_eq!(finals.len() as i64, total_events, "seed {seed}");
     assert!(
         finals.iter().all(|(_, n)| *n == 1),
         "seed {seed}: {finals:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_state() {
+    let (seed, mut rng) = delivery_rng();
+    let mut p = Pipeline::start(&[("WORKER_CONCURRENCY", "4")]).await;
+    // Two worker processes of four jobs each: concurrent transactions on the same organizations.
+    p.start_worker();
+    let first_worker = p.worker.take();
+    p.start_worker();
+
+    let (deliveries, expected, total_events) = shuffled_lifecycles(&mut rng, 30);
+    deliver(&p, deliveries, seed).await;
+    p.wait_until_all_processed(total_events).await;
+    assert_newest_states(&p, &expected, total_events, seed).await;
     drop(first_worker);
+}
+
+/// A backlog is applied in batches (many events, of many organizations, in one transaction):
+/// the events of one organization share batches in any order and with their duplicates, and a
+/// batch holding an event that fails still applies all the others while the failure is
+/// recorded against that event alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shuffled_backlog_applied_in_batches_ends_in_the_newest_states_and_a_bad_event_fails_alone()
+ {
+    let (seed, mut rng) = delivery_rng();
+    // One transaction at a time: every batch but the first and last takes all it can.
+    let mut p = Pipeline::start(&[("APPLY_TRANSACTIONS", "1")]).await;
+    // A customer owned by one organization, then a checkout claiming it for another: a
+    // permanent conflict, waiting in the middle of the backlog among good events.
+    let owner = Customer::new(&unique_tag());
+    let checkout = owner.checkout_event(now() - 7200);
+    assert_eq!(p.client.post_event(&checkout).await.0, 200);
+    p.start_worker();
+    p.wait_for_decision(checkout["id"].as_str().expect("id"))
+        .await;
+    let mut worker = p.worker.take().expect("worker");
+    assert!(
+        worker
+            .terminate(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+
+    let mut thief = Customer::new(&unique_tag());
+    thief.customer_id = owner.customer_id.clone();
+    let mut conflicting = thief.checkout_event(now() - 60);
+    // Its own id: a checkout event's id is made from the customer's.
+    conflicting["id"] = format!("evt_{}_conflict", unique_tag()).into();
+    let conflicting_id = conflicting["id"].as_str().expect("id").to_owned();
+    let (mut deliveries, expected, total_events) = shuffled_lifecycles(&mut rng, 30);
+    deliveries.insert(deliveries.len() / 2, conflicting);
+    deliver(&p, deliveries, seed).await;
+
+    p.start_worker();
+    let all = total_events + 2;
+    e2e::harness::eventually(
+        Duration::from_secs(90),
+        &format!("all {all} events to be processed or dead"),
+        || async {
+            let finished: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM webhook_events WHERE status IN ('processed', 'dead')",
+            )
+            .fetch_one(&p.db.pool)
+            .await
+            .expect("count");
+            (finished == all).then_some(())
+        },
+    )
+    .await;
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM webhook_events WHERE id = $1")
+            .bind(&conflicting_id)
+            .fetch_one(&p.db.pool)
+            .await
+            .expect("conflicting event");
+    assert_eq!((status.as_str(), attempts), ("dead", 1), "seed {seed}");
+    // The owner's checkout and the conflict have their one final decision too.
+    assert_newest_states(&p, &expected, all, seed).await;
+    let log = std::fs::read_to_string(&p.worker.as_ref().expect("worker").log).expect("log");
+    assert!(
+        log.contains("a batch failed; applying its events one by one"),
+        "seed {seed}: the conflict shared a batch with other events: {log}"
+    );
+    let linked: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM organizations WHERE stripe_customer_id = $1")
+            .bind(&owner.customer_id)
+            .fetch_all(&p.db.pool)
+            .await
+            .expect("owner");
+    assert_eq!(linked, [owner.organization_id], "the owner keeps its customer");
 }
 
 /// Posts events created in the same second: a subscription snapshot saying `active`, then a
