@@ -146,7 +146,7 @@ mod tests {
             })
             .collect();
         for call in calls {
-            let (n, answer) = call.await.unwrap();
+            let (n, answer) = call.await.expect("caller task");
             assert_eq!(answer, Ok(n * 10));
         }
         let batches = batches.load(Ordering::SeqCst);
@@ -155,7 +155,7 @@ mod tests {
             "20 requests of at most 8 per batch ran in {batches} batches"
         );
         drop(group);
-        task.await.unwrap();
+        task.await.expect("collector task");
     }
 
     #[tokio::test]

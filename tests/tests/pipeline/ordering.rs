@@ -188,7 +188,11 @@ async fn a_shuffled_backlog_applied_in_batches_ends_in_the_newest_states_and_a_b
             .fetch_all(&p.db.pool)
             .await
             .expect("owner");
-    assert_eq!(linked, [owner.organization_id], "the owner keeps its customer");
+    assert_eq!(
+        linked,
+        [owner.organization_id],
+        "the owner keeps its customer"
+    );
 }
 
 /// Posts events created in the same second: a subscription snapshot saying `active`, then a
