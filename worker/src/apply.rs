@@ -1,12 +1,15 @@
-//! Applying one stored event, in ONE Postgres transaction: claim the event in
-//! `processed_events` (already there → `duplicate`, nothing else happens), lock the
-//! organization row, decide with the rules of `shared::billing`, write the state, the audit
-//! row and the inbox status. Either all of it commits or none of it does, so a crash anywhere
-//! leaves the event to be applied again by the next delivery of its job.
+//! Applying stored events, a batch of them in ONE Postgres transaction (a batch of one for an
+//! operator's replay): claim the events in `processed_events` (already there → `duplicate`,
+//! nothing else happens), lock the customer links and organization rows they concern, decide
+//! each event in turn with the rules of `shared::billing` on those rows in memory, then write
+//! the changed organizations, the inbox statuses and the audit rows, a statement each. Either
+//! all of it commits or none of it does, so a crash anywhere leaves the events to be applied
+//! again by the next delivery of their jobs. About ten round trips per batch, whatever its
+//! size: that is what lets one worker apply thousands of events a second.
 //!
-//! Lock order is always `processed_events` row, then the customer-link lock, then the
-//! organization row, so two workers never deadlock; two events of one organization (or one
-//! customer) are applied one after the other.
+//! Lock order is always `processed_events` rows, then customer-link locks, then organization
+//! rows, each kind in sorted order, so two batches never deadlock; two events of one
+//! organization (or one customer) are applied one after the other.
 
 use std::collections::HashMap;
 use std::time::Duration;
