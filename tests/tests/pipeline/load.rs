@@ -44,12 +44,11 @@ async fn a_short_load_run_has_no_errors_and_every_accepted_event_is_stored() {
     assert_eq!(report["verify"]["missing"], 0, "{report}");
     assert_eq!(p.count("webhook_events").await, accepted);
     // Stored with lz4 (migration 000004): pglz was the largest CPU cost of storing a webhook.
-    let compressions: Vec<Option<String>> = sqlx::query_scalar(
-        "SELECT DISTINCT pg_column_compression(payload) FROM webhook_events",
-    )
-    .fetch_all(&p.db.pool)
-    .await
-    .expect("compression");
+    let compressions: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT DISTINCT pg_column_compression(payload) FROM webhook_events")
+            .fetch_all(&p.db.pool)
+            .await
+            .expect("compression");
     assert_eq!(compressions, [Some("lz4".to_owned())]);
 }
 
