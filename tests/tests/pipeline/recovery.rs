@@ -107,7 +107,8 @@ async fn stream_under_way() -> Stream {
     p.start_worker();
     let (streams, expected) = lifecycles(12);
     let total = streams.iter().map(Vec::len).sum::<usize>() as i64;
-    let sender = deliver_in_background(p.client.clone(), streams, Duration::from_millis(40));
+    // About a second of deliveries: long enough that a batching worker is still mid-stream.
+    let sender = deliver_in_background(p.client.clone(), streams, Duration::from_millis(120));
     eventually(
         Duration::from_secs(20),
         "the worker to apply events",
@@ -151,9 +152,9 @@ async fn emptying_redis_mid_stream_loses_nothing() {
         total,
         expected,
     } = stream_under_way().await;
+    let applied_before_the_flush = processed(&p).await;
     let deleted = p.queue.flush();
     assert!(deleted > 0, "the queue's keys existed and were deleted");
-    let applied_before_the_flush = processed(&p).await;
 
     // The supervisor's part: apalis stops a worker whose registration vanished with the
     // keys, and the process exits non-zero so that it is restarted.
