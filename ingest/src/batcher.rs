@@ -144,6 +144,9 @@ async fn write(
             n
         });
     }
+    // Sorted, so concurrent batches holding the same ids (a redelivery racing the first
+    // delivery) take their row locks in one order instead of deadlocking.
+    unique.sort_unstable_by_key(|event| event.id);
     let inserted = webhook_events::insert_many(pool, &unique).await;
     drop(permit);
     match inserted {

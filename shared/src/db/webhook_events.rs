@@ -55,7 +55,9 @@ pub async fn insert<'e>(
 
 /// Stores many events in one statement (so one commit when run outside a transaction: ingest's
 /// group commit) and returns the ids that were new. Ids already stored, or repeated in `events`
-/// (the first occurrence wins), are skipped and not returned.
+/// (the first occurrence wins), are skipped and not returned. Callers that may run at once
+/// with the same ids pass them sorted: an insert waits for another transaction's uncommitted
+/// row of the same id, so two batches holding two ids in opposite orders would deadlock.
 ///
 /// The rows travel as six arrays unnested server-side: one statement text whatever the batch
 /// size, so the prepared statement is reused, and no limit on bind parameters.
