@@ -103,6 +103,7 @@ fn storage_config(queue_name: String) -> apalis_redis::Config {
         .queue(queue_name)
         .emit_events(false)
         .batch_size(32)
+        .lock_tasks(false)
         .heartbeat_interval(HEARTBEAT_INTERVAL)
         .missed_heartbeats(MISSED_HEARTBEATS)
 }
