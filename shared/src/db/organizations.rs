@@ -106,14 +106,6 @@ pub async fn ensure_exist<'e>(db: impl PgExecutor<'e>, ids: &[&str]) -> Result<(
 
 /// Locks and returns the organizations with these ids and those linked to these customers,
 /// in id order (the order their row locks are taken in).
-///
-/// Planned anew on each call, with [`save`], instead of reusing a cached generic plan:
-/// Postgres settles a prepared statement's generic plan after its first few runs, and on a new
-/// deployment those run against a nearly empty table. The cached sequential scan, comparing
-/// every row with every id of the batch one by one, then stayed for the whole burst that
-/// filled the table: in a drain of 40,000 events over 2,000 new organizations, Postgres spent
-/// more time in those comparisons than in anything else. A fresh plan sees the table's real
-/// size and the batch's ids (hashed), and costs one planning per batch.
 pub async fn lock<'e>(
     db: impl PgExecutor<'e>,
     ids: &[&str],
@@ -125,7 +117,6 @@ pub async fn lock<'e>(
         " FROM organizations WHERE id = ANY($1) OR stripe_customer_id = ANY($2)
          ORDER BY id FOR UPDATE"
     ))
-    .persistent(false)
     .bind(ids)
     .bind(customer_ids)
     .fetch_all(db)
@@ -133,7 +124,7 @@ pub async fn lock<'e>(
 }
 
 /// Writes the link and billing columns of locked organizations, all in one statement, and
-/// stamps `updated_at`. Planned on each call, as [`lock`] is.
+/// stamps `updated_at`.
 pub async fn save<'e>(db: impl PgExecutor<'e>, orgs: &[&Organization]) -> Result<(), sqlx::Error> {
     fn column<'a, T: 'a>(orgs: &[&'a Organization], f: impl Fn(&'a Organization) -> T) -> Vec<T> {
         orgs.iter().map(|org| f(org)).collect()
@@ -155,7 +146,6 @@ pub async fn save<'e>(db: impl PgExecutor<'e>, orgs: &[&Organization]) -> Result
                    state_event_created, state_event_id)
          WHERE o.id = n.id",
     )
-    .persistent(false)
     .bind(column(orgs, |o| o.id.as_str()))
     .bind(column(orgs, |o| o.stripe_customer_id.as_deref()))
     .bind(column(orgs, |o| o.stripe_subscription_id.as_deref()))
