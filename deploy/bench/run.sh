@@ -149,7 +149,7 @@ $bin/worker-bench preload --events "$backlog"
 psql "$DATABASE_URL" -qc "VACUUM ANALYZE webhook_events" -c "CHECKPOINT"
 METRICS_ADDR=127.0.0.1:19101 $bin/worker run 2> "$out/worker.log" &
 worker_pid=$!
-$bin/worker-bench drain --events "$backlog" --json > "$out/drain.json"
+$bin/worker-bench drain --metrics-url http://127.0.0.1:19101/metrics --events "$backlog" --json > "$out/drain.json"
 worker_rss_drain=$(peak_rss_mb "$worker_pid")
 jq . "$out/drain.json"
 # The worker stops before the reset: deleting its queue's keys would unregister it.

@@ -439,6 +439,8 @@ pub struct Pipeline {
     pub ingest: Process,
     /// The worker process, when running.
     pub worker: Option<Process>,
+    /// The Prometheus endpoint of the worker last started.
+    pub worker_metrics_url: String,
     /// Client of the ingest API.
     pub client: IngestClient,
     env: Vec<(String, String)>,
@@ -496,6 +498,7 @@ impl Pipeline {
             queue,
             ingest,
             worker: None,
+            worker_metrics_url: String::new(),
             client,
             env,
         }
@@ -599,7 +602,9 @@ impl Pipeline {
     /// Starts a (new) worker process.
     pub fn start_worker(&mut self) {
         let mut env = self.env.clone();
-        env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{}", free_port())));
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        self.worker_metrics_url = format!("http://{metrics_addr}/metrics");
+        env.push(("METRICS_ADDR".into(), metrics_addr));
         let log = format!("worker-{}-{}", self.queue.prefix, unique_tag());
         self.worker = Some(Process::start("worker", &["run"], &env, &log));
     }

@@ -178,4 +178,24 @@ async fn a_backlog_beyond_apalis_fetch_limit_is_drained_by_a_worker_started_afte
     .await;
     assert_eq!(p.count("webhook_events").await, backlog as i64);
     assert!(worker.exited().is_none(), "the worker is still running");
+
+    // The drain benchmark reads the same from the worker's counter and the inbox.
+    let (code, stdout, stderr) = p
+        .run_to_completion(
+            "worker-bench",
+            &[
+                "drain",
+                "--metrics-url",
+                &p.worker_metrics_url,
+                "--events",
+                &backlog.to_string(),
+                "--timeout",
+                "30",
+                "--json",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("drain report");
+    assert_eq!(report["statuses"]["processed"], backlog, "{report}");
 }
