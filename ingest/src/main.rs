@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
     shared::telemetry::init(config.log_format);
     let stop = shared::shutdown::Stop::on_signal();
     let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
-    let pool = shared::db::connect(&config.database)
+    let pool = shared::db::connect(&config.database, shared::db::Planning::Cached)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
     let redis = shared::queue::connect(&config.queue)

@@ -146,7 +146,7 @@ fn main() -> std::process::ExitCode {
 
 async fn connect_database() -> anyhow::Result<PgPool> {
     let config = DatabaseConfig::load(&Source::env(), 2).context("configuration error")?;
-    shared::db::connect(&config)
+    shared::db::connect(&config, shared::db::Planning::PerRun)
         .await
         .context("connecting to Postgres (DATABASE_URL)")
 }
@@ -171,7 +171,7 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
     // One TLS crypto provider for every TLS user in the process (reqwest, sqlx, Resend), set
     // before any client is built.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let pool = shared::db::connect(&config.database)
+    let pool = shared::db::connect(&config.database, shared::db::Planning::PerRun)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
     let redis = shared::queue::connect(&config.queue)

@@ -21,18 +21,27 @@ use crate::config::DatabaseConfig;
 /// The embedded migrations of `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// How a pool's connections plan prepared statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planning {
+    /// Postgres' default: after a statement's first five runs, a generic plan is kept until
+    /// the table is next analyzed. Ingest's statements insert and read by key, which no table
+    /// size changes, and planning each run cost its closed loop ~8 % (BENCHMARKS.md).
+    Cached,
+    /// Each run is planned for its parameters (`plan_cache_mode = force_custom_plan`). The
+    /// worker reads and locks by arrays of keys; on a new deployment its first runs meet
+    /// nearly empty tables, and the sequential scans a cached plan chose then slowed the whole
+    /// first burst: a 40,000-event backlog over 2,000 new organizations drained at
+    /// 3,640–4,253 events/s with cached plans and 5,285–5,635 with fresh ones.
+    PerRun,
+}
+
 /// Opens the pool and checks the database answers now, not at the first request.
-///
-/// Every statement is planned for its parameters at each run (`plan_cache_mode =
-/// force_custom_plan`). By default Postgres settles on a generic plan after a prepared
-/// statement's first five runs and keeps it until the table is next analyzed. On a new
-/// deployment those first runs meet nearly empty tables, and the sequential scans planned for
-/// them stayed for the whole burst that filled the tables: the worker drained a 40,000-event
-/// backlog over 2,000 new organizations at 3,640–4,253 events/s with the cached plans and at
-/// 5,285–5,635 with fresh ones, which also used less Postgres CPU per event (BENCHMARKS.md).
-pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(config.url.expose_secret())?
-        .options([("plan_cache_mode", "force_custom_plan")]);
+pub async fn connect(config: &DatabaseConfig, planning: Planning) -> Result<PgPool, sqlx::Error> {
+    let mut options = PgConnectOptions::from_str(config.url.expose_secret())?;
+    if planning == Planning::PerRun {
+        options = options.options([("plan_cache_mode", "force_custom_plan")]);
+    }
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_secs(5))
