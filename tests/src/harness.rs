@@ -163,14 +163,16 @@ impl TestQueue {
         let Ok(mut conn) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) else {
             return 0;
         };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
-        }
-        keys.len()
+        // One script, so the keys vanish at once, as when Redis restarts empty. A KEYS and a
+        // DEL let a list created in between survive while the job data it names was deleted.
+        redis::Script::new(
+            "local keys = redis.call('KEYS', ARGV[1])
+             for _, key in ipairs(keys) do redis.call('DEL', key) end
+             return #keys",
+        )
+        .arg(format!("{}*", self.prefix))
+        .invoke(&mut conn)
+        .unwrap_or(0)
     }
 }
 
