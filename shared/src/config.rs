@@ -94,6 +94,34 @@ impl Source {
         }
     }
 
+    /// A required comma-separated list of Stripe keys (ids or lookup keys), none empty.
+    fn keys(&self, name: &'static str) -> Result<Vec<String>, ConfigError> {
+        let raw = self.required(name)?;
+        let keys: Vec<String> = raw.split(',').map(|k| k.trim().to_owned()).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            return Err(ConfigError::Invalid {
+                name,
+                reason: "an empty item in the comma-separated list".into(),
+            });
+        }
+        Ok(keys)
+    }
+
+    fn plans(&self) -> Result<PlanMapping, ConfigError> {
+        PlanMapping::new([
+            ("enterprise", self.keys("STRIPE_ENTERPRISE_PRODUCT_KEY")?),
+            ("premium", self.keys("STRIPE_PREMIUM_PRICE_KEY")?),
+            ("basic", self.keys("STRIPE_BASIC_PRICE_KEY")?),
+        ])
+        .map_err(|key| ConfigError::Invalid {
+            name: "STRIPE_BASIC_PRICE_KEY",
+            reason: format!(
+                "{key:?} names two plans (STRIPE_BASIC_PRICE_KEY, STRIPE_PREMIUM_PRICE_KEY and \
+                 STRIPE_ENTERPRISE_PRODUCT_KEY must not share a key)"
+            ),
+        })
+    }
+
     fn millis(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
         self.positive(name, default).map(Duration::from_millis)
     }
@@ -304,7 +332,8 @@ pub struct WorkerConfig {
     pub database: DatabaseConfig,
     /// Redis queue.
     pub queue: QueueConfig,
-    /// Price and product keys that name the plans.
+    /// `STRIPE_BASIC_PRICE_KEY`, `STRIPE_PREMIUM_PRICE_KEY`, `STRIPE_ENTERPRISE_PRODUCT_KEY`:
+    /// the prices, lookup keys or products of each plan, comma-separated.
     pub plans: PlanMapping,
     /// `STRIPE_SECRET_KEY`: enables refetching subscriptions to settle ties.
     pub stripe_secret_key: Option<SecretString>,
@@ -381,11 +410,7 @@ impl WorkerConfig {
         Ok(WorkerConfig {
             database: DatabaseConfig::load(source, pool as u32)?,
             queue: QueueConfig::load(source)?,
-            plans: PlanMapping {
-                basic_price: source.required("STRIPE_BASIC_PRICE_KEY")?,
-                premium_price: source.required("STRIPE_PREMIUM_PRICE_KEY")?,
-                enterprise_product: source.required("STRIPE_ENTERPRISE_PRODUCT_KEY")?,
-            },
+            plans: source.plans()?,
             stripe_secret_key: source.get("STRIPE_SECRET_KEY").map(SecretString::from),
             stripe_api_base: source
                 .get("STRIPE_API_BASE")

@@ -17,6 +17,9 @@ pub const ENTERPRISE_REQUESTS: &str = "billing_enterprise_requests_total";
 /// Outbox emails handled by the worker, by `outcome` (`sent`, `already_done`, `not_due`,
 /// `retry_scheduled`, `dead`, `failed`).
 pub const EMAILS: &str = "billing_emails_total";
+/// Subscription snapshots with prices but none mapped to a plan (`STRIPE_*_PRICE_KEY`): the
+/// subscription's plan is stored null, its price ids are kept.
+pub const UNMAPPED_PRICES: &str = "billing_unmapped_price_events_total";
 /// Events per group commit of ingest's inbox writer.
 pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.

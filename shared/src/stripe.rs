@@ -4,7 +4,8 @@
 //! other versions; these models never do, so every stored event can be read.
 //!
 //! [`interpret`] turns one event into what the billing rules need: who it is about and what it
-//! changes.
+//! changes (a subscription's snapshot or invoice, a lifetime purchase, or only a link between
+//! an organization and a customer).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -12,7 +13,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use crate::billing::{BillingChange, BillingState, PlanStatus};
+use crate::billing::PlanStatus;
+use crate::billing::subscription::{InvoiceFacts, Snapshot, SubscriptionChange};
 
 /// The envelope fields ingest stores next to the raw body. Borrowed: ingest parses nothing else.
 #[derive(Debug, Deserialize)]
@@ -152,6 +154,21 @@ pub struct Subscription {
     /// When it ended.
     #[serde(default)]
     pub ended_at: Option<i64>,
+    /// When it is scheduled to end (portal cancellations in flexible billing mode).
+    #[serde(default)]
+    pub cancel_at: Option<i64>,
+    /// When a cancellation was requested.
+    #[serde(default)]
+    pub canceled_at: Option<i64>,
+    /// End of the trial.
+    #[serde(default)]
+    pub trial_end: Option<i64>,
+    /// When Stripe created it.
+    #[serde(default)]
+    pub created: Option<i64>,
+    /// Set while updates wait for a payment; only its presence is read.
+    #[serde(default)]
+    pub pending_update: Option<serde::de::IgnoredAny>,
     /// Subscription metadata.
     #[serde(default)]
     pub metadata: Option<HashMap<String, String>>,
@@ -176,6 +193,9 @@ pub struct SubscriptionItem {
     /// The item's price.
     #[serde(default)]
     pub price: Option<Price>,
+    /// How many of the price.
+    #[serde(default)]
+    pub quantity: Option<i64>,
 }
 
 /// `price` fields used here.
@@ -194,6 +214,12 @@ pub struct Price {
 /// `invoice` fields used here.
 #[derive(Debug, Deserialize)]
 pub struct Invoice {
+    /// `in_…`
+    #[serde(default)]
+    pub id: Option<String>,
+    /// When the invoice was created (unix seconds).
+    #[serde(default)]
+    pub created: Option<i64>,
     /// The customer billed.
     #[serde(default)]
     pub customer: Option<Expandable>,
@@ -209,6 +235,16 @@ pub struct Invoice {
     /// Why the invoice was created: `subscription_create` for a subscription's first one.
     #[serde(default)]
     pub billing_reason: Option<String>,
+}
+
+/// `customer` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct Customer {
+    /// `cus_…`
+    pub id: String,
+    /// Customer metadata: `organization_id` links it.
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
 }
 
 /// `invoice.parent`.
@@ -248,40 +284,52 @@ impl Invoice {
     }
 }
 
-/// Which configured Stripe price or product means which plan.
+/// Which Stripe prices mean which plan: each plan has any number of keys, each a price id, a
+/// price lookup key or a product id (all of that product's prices). Plans are tried in the
+/// order given, so a price matching two plans' keys takes the first.
 #[derive(Debug, Clone)]
 pub struct PlanMapping {
-    /// Price id or lookup key of the Basic plan.
-    pub basic_price: String,
-    /// Price id or lookup key of the Premium plan.
-    pub premium_price: String,
-    /// Product id of the Enterprise plan (its prices are negotiated per customer).
-    pub enterprise_product: String,
+    plans: Vec<(&'static str, Vec<String>)>,
 }
 
 impl PlanMapping {
-    /// The plan named by the subscription's items, if any item matches the mapping.
-    pub fn plan_for(&self, subscription: &Subscription) -> Option<&'static str> {
-        let prices = subscription
-            .items
-            .iter()
-            .flat_map(|l| &l.data)
-            .filter_map(|i| i.price.as_ref());
-        for price in prices {
-            let keys = [Some(price.id.as_str()), price.lookup_key.as_deref()];
-            let matches = |wanted: &str| keys.contains(&Some(wanted));
-            if price.product.as_ref().map(Expandable::id) == Some(self.enterprise_product.as_str())
-            {
-                return Some("enterprise");
-            }
-            if matches(&self.premium_price) {
-                return Some("premium");
-            }
-            if matches(&self.basic_price) {
-                return Some("basic");
+    /// The mapping, plans in priority order; `Err` names a key given to two plans.
+    pub fn new<const N: usize>(
+        plans: [(&'static str, Vec<String>); N],
+    ) -> Result<PlanMapping, String> {
+        let mut seen = std::collections::HashSet::new();
+        for key in plans.iter().flat_map(|(_, keys)| keys) {
+            if !seen.insert(key.as_str()) {
+                return Err(key.clone());
             }
         }
-        None
+        Ok(PlanMapping {
+            plans: plans.into_iter().collect(),
+        })
+    }
+
+    /// The plan of one price, if the mapping names it.
+    pub fn plan_for_price(&self, price: &Price) -> Option<&'static str> {
+        let product = price.product.as_ref().map(Expandable::id);
+        let keys = [Some(price.id.as_str()), price.lookup_key.as_deref(), product];
+        self.plans
+            .iter()
+            .find(|(_, wanted)| wanted.iter().any(|w| keys.contains(&Some(w.as_str()))))
+            .map(|(plan, _)| *plan)
+    }
+
+    /// The plan named by the subscription's items (the highest-priority plan any item has),
+    /// and the quantity of that item.
+    pub fn plan_for(&self, subscription: &Subscription) -> Option<(&'static str, Option<i64>)> {
+        let items = subscription.items.iter().flat_map(|l| &l.data);
+        let mapped = items.filter_map(|item| {
+            let plan = self.plan_for_price(item.price.as_ref()?)?;
+            let rank = self.plans.iter().position(|(p, _)| *p == plan)?;
+            Some((rank, plan, item.quantity))
+        });
+        mapped
+            .min_by_key(|(rank, _, _)| *rank)
+            .map(|(_, plan, quantity)| (plan, quantity))
     }
 }
 
@@ -290,29 +338,58 @@ pub fn timestamp(seconds: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(seconds, 0)
 }
 
-/// The billing state a subscription object describes.
-pub fn subscription_state(
-    subscription: &Subscription,
-    plans: &PlanMapping,
-) -> Option<BillingState> {
-    let plan_status = PlanStatus::from_stripe(&subscription.status)?;
+/// The snapshot a subscription object describes; `None` for a status Stripe does not send.
+pub fn subscription_snapshot(subscription: &Subscription, plans: &PlanMapping) -> Option<Snapshot> {
+    let status = PlanStatus::from_stripe(&subscription.status)?;
+    let items = || subscription.items.iter().flat_map(|l| &l.data);
     // Basil and later: the period is per item; take the latest end across items.
-    let item_period_end = subscription
-        .items
-        .iter()
-        .flat_map(|l| &l.data)
-        .filter_map(|i| i.current_period_end)
-        .max();
-    Some(BillingState {
-        plan: plans.plan_for(subscription).map(str::to_owned),
-        plan_status,
-        subscription_id: Some(subscription.id.clone()),
+    let item_period_end = items().filter_map(|i| i.current_period_end).max();
+    let mapped = plans.plan_for(subscription);
+    let at = |seconds: Option<i64>| seconds.and_then(timestamp);
+    Some(Snapshot {
+        status,
+        plan: mapped.map(|(plan, _)| plan.to_owned()),
+        price_ids: items()
+            .filter_map(|i| Some(i.price.as_ref()?.id.clone()))
+            .collect(),
+        quantity: mapped
+            .and_then(|(_, quantity)| quantity)
+            .or_else(|| items().next().and_then(|i| i.quantity)),
+        current_period_end: at(item_period_end.or(subscription.current_period_end)),
         cancel_at_period_end: subscription.cancel_at_period_end,
-        current_period_end: item_period_end
-            .or(subscription.current_period_end)
-            .and_then(timestamp),
-        ended_at: subscription.ended_at.and_then(timestamp),
+        cancel_at: at(subscription.cancel_at),
+        canceled_at: at(subscription.canceled_at),
+        ended_at: at(subscription.ended_at),
+        trial_end: at(subscription.trial_end),
+        started_at: at(subscription.created),
+        pending_update: subscription.pending_update.is_some(),
     })
+}
+
+/// What one event changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BillingChange {
+    /// Something about one subscription.
+    Subscription {
+        /// `sub_…`
+        subscription_id: String,
+        /// What.
+        change: SubscriptionChange,
+    },
+    /// A paid one-time checkout: lifetime access.
+    LifetimePurchase,
+}
+
+impl BillingChange {
+    /// The subscription it is about, if any.
+    pub fn subscription_id(&self) -> Option<&str> {
+        match self {
+            BillingChange::Subscription {
+                subscription_id, ..
+            } => Some(subscription_id),
+            BillingChange::LifetimePurchase => None,
+        }
+    }
 }
 
 /// What an event means for billing, read from its `data.object`.
@@ -322,7 +399,9 @@ pub struct Interpretation {
     pub organization_id: Option<String>,
     /// The Stripe customer the event is about.
     pub customer_id: Option<String>,
-    /// For a completed checkout: the link to record between organization and customer.
+    /// For a completed checkout: the link to record between organization and customer. (Any
+    /// other event naming both links them too, but only an organization with no customer
+    /// yet, and only a customer of no other organization.)
     pub link: Option<CheckoutLink>,
     /// The change to the billing state, if the event carries one.
     pub change: Option<BillingChange>,
@@ -356,14 +435,19 @@ pub enum Ignored {
     NotApplicable(&'static str),
 }
 
-/// The event types that change billing state.
-pub const HANDLED_EVENT_TYPES: [&str; 8] = [
+/// The event types that change billing state or link a customer.
+pub const HANDLED_EVENT_TYPES: [&str; 13] = [
     "checkout.session.completed",
+    "customer.created",
+    "customer.updated",
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
     "customer.subscription.paused",
     "customer.subscription.resumed",
+    "customer.subscription.pending_update_applied",
+    "customer.subscription.pending_update_expired",
+    "customer.subscription.trial_will_end",
     "invoice.paid",
     "invoice.payment_failed",
 ];
@@ -371,54 +455,29 @@ pub const HANDLED_EVENT_TYPES: [&str; 8] = [
 /// Reads what an event means for billing.
 pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, Ignored> {
     match event.event_type.as_str() {
-        "checkout.session.completed" => {
-            let session: CheckoutSession = read(event)?;
-            let organization_id = session
-                .client_reference_id
-                .clone()
-                .filter(|id| !id.is_empty())
-                .or_else(|| metadata_organization_id(&session.metadata).map(str::to_owned))
-                .or_else(|| {
-                    session
-                        .customer
-                        .as_ref()
-                        .and_then(Expandable::organization_id)
-                        .map(str::to_owned)
-                });
-            let billing_email = session
-                .customer_details
-                .as_ref()
-                .and_then(|d| d.email.clone())
-                .or(session.customer_email.clone());
-            let change = match (session.mode.as_str(), session.payment_status.as_str()) {
-                ("payment", "paid") => Some(BillingChange::LifetimePurchase),
-                ("payment", _) => {
-                    return Err(Ignored::NotApplicable("one-time checkout not paid (yet)"));
-                }
-                ("subscription", _) => None,
-                _ => {
-                    return Err(Ignored::NotApplicable(
-                        "checkout mode does not concern billing",
-                    ));
-                }
-            };
+        "checkout.session.completed" => checkout_completed(read(event)?),
+        "customer.created" | "customer.updated" => {
+            let customer: Customer = read(event)?;
+            let organization_id = metadata_organization_id(&customer.metadata).ok_or(
+                Ignored::NotApplicable("customer has no metadata.organization_id"),
+            )?;
             Ok(Interpretation {
-                organization_id,
-                customer_id: session.customer.as_ref().map(|c| c.id().to_owned()),
-                link: Some(CheckoutLink {
-                    subscription_id: session.subscription.as_ref().map(|s| s.id().to_owned()),
-                    billing_email,
-                }),
-                change,
+                organization_id: Some(organization_id.to_owned()),
+                customer_id: Some(customer.id),
+                link: None,
+                change: None,
             })
         }
         "customer.subscription.created"
         | "customer.subscription.updated"
         | "customer.subscription.deleted"
         | "customer.subscription.paused"
-        | "customer.subscription.resumed" => {
+        | "customer.subscription.resumed"
+        | "customer.subscription.pending_update_applied"
+        | "customer.subscription.pending_update_expired"
+        | "customer.subscription.trial_will_end" => {
             let subscription: Subscription = read(event)?;
-            let state = subscription_state(&subscription, plans).ok_or_else(|| {
+            let snapshot = subscription_snapshot(&subscription, plans).ok_or_else(|| {
                 Ignored::UnreadablePayload {
                     event_type: event.event_type.clone(),
                     reason: format!("unknown subscription status {:?}", subscription.status),
@@ -430,7 +489,10 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
                     .map(str::to_owned),
                 customer_id: Some(subscription.customer.id().to_owned()),
                 link: None,
-                change: Some(BillingChange::Subscription(state)),
+                change: Some(BillingChange::Subscription {
+                    subscription_id: subscription.id,
+                    change: SubscriptionChange::Snapshot(snapshot),
+                }),
             })
         }
         "invoice.paid" | "invoice.payment_failed" => {
@@ -441,16 +503,16 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
                     "invoice does not belong to a subscription",
                 ))?
                 .to_owned();
+            let facts = InvoiceFacts {
+                invoice_id: invoice.id.clone(),
+                created: invoice.created.and_then(timestamp),
+                amount_paid: invoice.amount_paid,
+                billing_reason: invoice.billing_reason.clone(),
+            };
             let change = if event.event_type == "invoice.paid" {
-                BillingChange::InvoicePaid {
-                    subscription_id,
-                    amount_paid: invoice.amount_paid,
-                }
+                SubscriptionChange::InvoicePaid(facts)
             } else {
-                BillingChange::InvoicePaymentFailed {
-                    subscription_id,
-                    first_invoice: invoice.billing_reason.as_deref() == Some("subscription_create"),
-                }
+                SubscriptionChange::InvoicePaymentFailed(facts)
             };
             Ok(Interpretation {
                 organization_id: invoice
@@ -464,11 +526,60 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
                     .map(str::to_owned),
                 customer_id: invoice.customer.as_ref().map(|c| c.id().to_owned()),
                 link: None,
-                change: Some(change),
+                change: Some(BillingChange::Subscription {
+                    subscription_id,
+                    change,
+                }),
             })
         }
         other => Err(Ignored::UnhandledType(other.to_owned())),
     }
+}
+
+/// A completed checkout links its customer to the organization in every mode; a paid
+/// `payment`-mode session is also a lifetime purchase.
+fn checkout_completed(session: CheckoutSession) -> Result<Interpretation, Ignored> {
+    let organization_id = session
+        .client_reference_id
+        .clone()
+        .filter(|id| !id.is_empty())
+        .or_else(|| metadata_organization_id(&session.metadata).map(str::to_owned))
+        .or_else(|| {
+            session
+                .customer
+                .as_ref()
+                .and_then(Expandable::organization_id)
+                .map(str::to_owned)
+        });
+    let billing_email = session
+        .customer_details
+        .as_ref()
+        .and_then(|d| d.email.clone())
+        .or(session.customer_email.clone());
+    let change = match (session.mode.as_str(), session.payment_status.as_str()) {
+        ("payment", "paid") => Some(BillingChange::LifetimePurchase),
+        ("payment" | "subscription" | "setup", _) => None,
+        _ => {
+            return Err(Ignored::NotApplicable(
+                "checkout mode does not concern billing",
+            ));
+        }
+    };
+    let customer_id = session.customer.as_ref().map(|c| c.id().to_owned());
+    if customer_id.is_none() && change.is_none() {
+        return Err(Ignored::NotApplicable(
+            "checkout without a customer and without a paid purchase",
+        ));
+    }
+    Ok(Interpretation {
+        organization_id,
+        customer_id,
+        link: Some(CheckoutLink {
+            subscription_id: session.subscription.as_ref().map(|s| s.id().to_owned()),
+            billing_email,
+        }),
+        change,
+    })
 }
 
 fn read<T: serde::de::DeserializeOwned>(event: &Event) -> Result<T, Ignored> {
@@ -485,11 +596,13 @@ mod tests {
     use super::*;
 
     fn plans() -> PlanMapping {
-        PlanMapping {
-            basic_price: "basic_monthly".into(),
-            premium_price: "price_premium".into(),
-            enterprise_product: "prod_ent".into(),
-        }
+        let keys = |k: &[&str]| k.iter().map(|k| k.to_string()).collect();
+        PlanMapping::new([
+            ("enterprise", keys(&["prod_ent"])),
+            ("premium", keys(&["price_premium", "price_premium_yearly"])),
+            ("basic", keys(&["basic_monthly", "prod_basic"])),
+        ])
+        .expect("distinct keys")
     }
 
     fn event(event_type: &str, object: serde_json::Value) -> Event {
@@ -507,8 +620,16 @@ mod tests {
     }
 
     #[test]
-    fn plans_map_by_price_id_lookup_key_or_enterprise_product() {
+    fn plans_map_by_any_of_their_prices_lookup_keys_or_products() {
         let cases = [
+            (
+                json!({ "id": "price_premium_yearly", "product": "prod_x" }),
+                Some("premium"),
+            ),
+            (
+                json!({ "id": "price_eur", "product": { "id": "prod_basic" } }),
+                Some("basic"),
+            ),
             (
                 json!({ "id": "price_premium", "product": "prod_x" }),
                 Some("premium"),
@@ -526,7 +647,8 @@ mod tests {
         for (price, plan) in cases {
             let subscription: Subscription =
                 serde_json::from_value(subscription_with_price(price.clone())).expect("sub");
-            assert_eq!(plans().plan_for(&subscription), plan, "{price}");
+            let mapped = plans().plan_for(&subscription).map(|(plan, _)| plan);
+            assert_eq!(mapped, plan, "{price}");
         }
     }
 
@@ -540,11 +662,69 @@ mod tests {
             .expect("interpreted");
         assert_eq!(facts.organization_id.as_deref(), Some("org_1"));
         assert_eq!(facts.change, Some(BillingChange::LifetimePurchase));
-        let unpaid = json!({ "mode": "payment", "payment_status": "unpaid", "client_reference_id": "org_1" });
+        let unpaid = json!({
+            "mode": "payment", "payment_status": "unpaid", "client_reference_id": "org_1",
+            "customer": "cus_1"
+        });
+        let facts = interpret(&event("checkout.session.completed", unpaid), &plans())
+            .expect("a link");
+        assert_eq!(
+            (facts.customer_id.as_deref(), facts.change),
+            (Some("cus_1"), Option::None),
+            "an unpaid one-time checkout links its customer and grants nothing yet"
+        );
+    }
+
+    #[test]
+    fn a_setup_checkout_and_customer_metadata_link_the_customer() {
+        let setup = json!({
+            "mode": "setup", "payment_status": "no_payment_required",
+            "client_reference_id": "org_1", "customer": "cus_1"
+        });
+        let facts = interpret(&event("checkout.session.completed", setup), &plans())
+            .expect("a link");
+        assert_eq!(
+            (facts.organization_id.as_deref(), facts.customer_id.as_deref()),
+            (Some("org_1"), Some("cus_1"))
+        );
+        assert!(facts.link.is_some() && facts.change.is_none());
+
+        let customer = json!({ "id": "cus_2", "metadata": { "organization_id": "org_2" } });
+        let facts =
+            interpret(&event("customer.updated", customer), &plans()).expect("interpreted");
+        assert_eq!(
+            (facts.organization_id.as_deref(), facts.customer_id.as_deref()),
+            (Some("org_2"), Some("cus_2"))
+        );
+        let anonymous = json!({ "id": "cus_3", "metadata": {} });
         assert!(matches!(
-            interpret(&event("checkout.session.completed", unpaid), &plans()),
+            interpret(&event("customer.created", anonymous), &plans()),
             Err(Ignored::NotApplicable(_))
         ));
+    }
+
+    #[test]
+    fn a_subscription_snapshot_reads_cancel_at_trial_and_every_price() {
+        let sub = json!({
+            "id": "sub_1", "customer": "cus_1", "status": "trialing", "created": 1_800_000_000,
+            "cancel_at_period_end": false, "cancel_at": 1_800_500_000, "trial_end": 1_800_100_000,
+            "pending_update": { "expires_at": 1_800_001_000 },
+            "items": { "data": [
+                { "current_period_end": 1_800_086_400, "quantity": 1, "price": { "id": "price_seat" } },
+                { "current_period_end": 1_800_086_400, "quantity": 7,
+                  "price": { "id": "price_premium", "product": "prod_x" } }
+            ] }
+        });
+        let subscription: Subscription = serde_json::from_value(sub).expect("sub");
+        let snapshot = subscription_snapshot(&subscription, &plans()).expect("known status");
+        assert_eq!(snapshot.status, PlanStatus::Trialing);
+        assert_eq!(snapshot.plan.as_deref(), Some("premium"));
+        assert_eq!(snapshot.quantity, Some(7));
+        assert_eq!(snapshot.price_ids, vec!["price_seat", "price_premium"]);
+        assert_eq!(snapshot.cancel_at, timestamp(1_800_500_000));
+        assert_eq!(snapshot.trial_end, timestamp(1_800_100_000));
+        assert_eq!(snapshot.started_at, timestamp(1_800_000_000));
+        assert!(snapshot.pending_update);
     }
 
     #[test]

@@ -87,7 +87,7 @@ async fn apply_batch(deps: &Deps, ids: Vec<String>) -> Vec<Result<Report, ApplyE
     let result = apply_events(deps, &refs, ApplyOptions::default()).await;
     metrics::histogram!(APPLY_DURATION).record(started.elapsed().as_secs_f64());
     match result {
-        Ok(reports) => reports.into_iter().map(Ok).collect(),
+        Ok(results) => results,
         Err(e) if ids.len() == 1 => vec![Err(e)],
         Err(e) => {
             tracing::info!(events = ids.len(), error = %e, "a batch failed; applying its events one by one");

@@ -54,6 +54,8 @@ pub struct NewAuditEntry<'a> {
     pub event_type: &'a str,
     /// The organization concerned, when resolved.
     pub organization_id: Option<&'a str>,
+    /// The subscription the event is about, if any.
+    pub subscription_id: Option<&'a str>,
     /// The decision.
     pub decision: Decision,
     /// Plan status before.
@@ -77,9 +79,10 @@ pub async fn insert<'e, 'a>(
     };
     sqlx::query(
         "INSERT INTO billing_audit
-            (event_id, event_type, organization_id, decision, status_before, status_after, detail)
+            (event_id, event_type, organization_id, decision, status_before, status_after, detail,
+             subscription_id)
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-                              $5::plan_status[], $6::plan_status[], $7::text[])",
+                              $5::plan_status[], $6::plan_status[], $7::text[], $8::text[])",
     )
     .bind(text(|e| Some(e.event_id)))
     .bind(text(|e| Some(e.event_type)))
@@ -88,6 +91,7 @@ pub async fn insert<'e, 'a>(
     .bind(status(|e| e.status_before))
     .bind(status(|e| e.status_after))
     .bind(text(|e| e.detail))
+    .bind(text(|e| e.subscription_id))
     .execute(db)
     .await?;
     Ok(())
@@ -102,6 +106,8 @@ pub struct AuditRow {
     pub event_type: String,
     /// The organization concerned.
     pub organization_id: Option<String>,
+    /// The subscription concerned.
+    pub subscription_id: Option<String>,
     /// `applied`, `stale`, …
     pub decision: String,
     /// Plan status before.
@@ -120,8 +126,8 @@ pub async fn for_event<'e>(
     event_id: &str,
 ) -> Result<Vec<AuditRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT event_id, event_type, organization_id, decision, status_before, status_after,
-                detail, created_at
+        "SELECT event_id, event_type, organization_id, subscription_id, decision, status_before,
+                status_after, detail, created_at
          FROM billing_audit WHERE event_id = $1 ORDER BY id",
     )
     .bind(event_id)

@@ -1,12 +1,14 @@
-//! `organizations`: each customer organization's billing state. Writers lock the rows
-//! (`SELECT … FOR UPDATE`) inside the apply transaction, change them in memory and [`save`]
-//! them before commit, so concurrent events of one organization are applied one after the
-//! other and none is lost.
+//! `organizations`: each customer organization's link to Stripe and its billing state, the
+//! stored result of `billing::organization::derive` over its subscriptions and lifetime
+//! purchase. Writers lock the rows (`SELECT … FOR UPDATE`) inside the apply transaction,
+//! change them in memory and [`save`] them before commit, so concurrent events of one
+//! organization are applied one after the other and none is lost.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 
-use crate::billing::{BillingState, PlanStatus};
+use crate::billing::PlanStatus;
+use crate::billing::organization::OrganizationState;
 use crate::db::webhook_events::StoredEvent;
 
 /// A stored organization.
@@ -18,7 +20,7 @@ pub struct Organization {
     pub name: Option<String>,
     /// Linked Stripe customer.
     pub stripe_customer_id: Option<String>,
-    /// Current subscription.
+    /// The governing subscription.
     pub stripe_subscription_id: Option<String>,
     /// Plan name.
     pub plan: Option<String>,
@@ -32,7 +34,16 @@ pub struct Organization {
     pub current_period_end: Option<DateTime<Utc>>,
     /// When the subscription ended.
     pub ended_at: Option<DateTime<Utc>>,
-    /// Stripe `created` of the event that set the state.
+    /// When the governing subscription is scheduled to end.
+    pub cancel_at: Option<DateTime<Utc>>,
+    /// When access ends if nothing changes.
+    pub access_ends_at: Option<DateTime<Utc>>,
+    /// The paid one-time checkout event that granted lifetime access.
+    pub lifetime_event_id: Option<String>,
+    /// That event's `created`.
+    pub lifetime_granted_at: Option<DateTime<Utc>>,
+    /// Stripe `created` of the last event that changed the state (information only: ordering
+    /// is per subscription).
     pub state_event_created: Option<DateTime<Utc>>,
     /// That event's id.
     pub state_event_id: Option<String>,
@@ -43,28 +54,42 @@ pub struct Organization {
 }
 
 impl Organization {
-    /// Takes a new billing state, set by `event`.
-    pub fn set_billing_state(&mut self, state: BillingState, event: &StoredEvent) {
+    /// Takes a newly derived billing state, changed by `event`; `false` when it equals the
+    /// stored one (nothing to write).
+    pub fn set_derived(&mut self, state: OrganizationState, event: &StoredEvent) -> bool {
+        if state == self.derived() {
+            return false;
+        }
         self.plan = state.plan;
         self.plan_status = state.plan_status;
         self.stripe_subscription_id = state.subscription_id;
         self.cancel_at_period_end = state.cancel_at_period_end;
+        self.cancel_at = state.cancel_at;
         self.current_period_end = state.current_period_end;
         self.ended_at = state.ended_at;
+        self.access_ends_at = state.access_ends_at;
         self.state_event_id = Some(event.id.clone());
         self.state_event_created = Some(event.stripe_created);
+        true
     }
 
-    /// The billing columns, as the rules see them.
-    pub fn billing_state(&self) -> BillingState {
-        BillingState {
+    /// The stored billing columns.
+    pub fn derived(&self) -> OrganizationState {
+        OrganizationState {
             plan: self.plan.clone(),
             plan_status: self.plan_status,
             subscription_id: self.stripe_subscription_id.clone(),
             cancel_at_period_end: self.cancel_at_period_end,
+            cancel_at: self.cancel_at,
             current_period_end: self.current_period_end,
             ended_at: self.ended_at,
+            access_ends_at: self.access_ends_at,
         }
+    }
+
+    /// Holds a lifetime purchase.
+    pub fn has_lifetime(&self) -> bool {
+        self.lifetime_event_id.is_some()
     }
 }
 
@@ -72,7 +97,8 @@ impl Organization {
 macro_rules! columns {
     () => {
         "id, name, stripe_customer_id, stripe_subscription_id, plan, plan_status, billing_email,
-         cancel_at_period_end, current_period_end, ended_at, state_event_created, state_event_id,
+         cancel_at_period_end, current_period_end, ended_at, cancel_at, access_ends_at,
+         lifetime_event_id, lifetime_granted_at, state_event_created, state_event_id,
          created_at, updated_at"
     };
 }
@@ -137,13 +163,18 @@ pub async fn save<'e>(db: impl PgExecutor<'e>, orgs: &[&Organization]) -> Result
             cancel_at_period_end = n.cancel_at_period_end,
             current_period_end = n.current_period_end, ended_at = n.ended_at,
             state_event_created = n.state_event_created, state_event_id = n.state_event_id,
+            cancel_at = n.cancel_at, access_ends_at = n.access_ends_at,
+            lifetime_event_id = n.lifetime_event_id,
+            lifetime_granted_at = n.lifetime_granted_at,
             updated_at = now()
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::plan_status[],
                      $6::text[], $7::bool[], $8::timestamptz[], $9::timestamptz[],
-                     $10::timestamptz[], $11::text[])
+                     $10::timestamptz[], $11::text[], $12::timestamptz[], $13::timestamptz[],
+                     $14::text[], $15::timestamptz[])
               AS n(id, stripe_customer_id, stripe_subscription_id, plan, plan_status,
                    billing_email, cancel_at_period_end, current_period_end, ended_at,
-                   state_event_created, state_event_id)
+                   state_event_created, state_event_id, cancel_at, access_ends_at,
+                   lifetime_event_id, lifetime_granted_at)
          WHERE o.id = n.id",
     )
     .bind(column(orgs, |o| o.id.as_str()))
@@ -157,6 +188,10 @@ pub async fn save<'e>(db: impl PgExecutor<'e>, orgs: &[&Organization]) -> Result
     .bind(column(orgs, |o| o.ended_at))
     .bind(column(orgs, |o| o.state_event_created))
     .bind(column(orgs, |o| o.state_event_id.as_deref()))
+    .bind(column(orgs, |o| o.cancel_at))
+    .bind(column(orgs, |o| o.access_ends_at))
+    .bind(column(orgs, |o| o.lifetime_event_id.as_deref()))
+    .bind(column(orgs, |o| o.lifetime_granted_at))
     .execute(db)
     .await?;
     Ok(())

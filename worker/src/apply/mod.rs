@@ -1,31 +1,39 @@
 //! Applying stored events, a batch of them in ONE Postgres transaction (a batch of one for an
 //! operator's replay): claim the events in `processed_events` (already there → `duplicate`,
-//! nothing else happens), lock the customer links and organization rows they concern, decide
-//! each event in turn with the rules of `shared::billing` on those rows in memory, then write
-//! the changed organizations, the inbox statuses and the audit rows, a statement each. Either
+//! nothing else happens), lock the customer links, organization rows and subscription rows
+//! they concern ([`batch`]), decide each event in turn with the rules of `shared::billing` on
+//! those rows in memory ([`decide`]), then write the changed subscriptions and organizations,
+//! the inbox statuses and the audit rows, a statement each. Either
 //! all of it commits or none of it does, so a crash anywhere leaves the events to be applied
 //! again by the next delivery of their jobs. About ten round trips per batch, whatever its
 //! size: that is what lets one worker apply thousands of events a second.
 //!
 //! Lock order is always `processed_events` rows, then customer-link locks, then organization
-//! rows, each kind in sorted order, so two batches never deadlock; two events of one
-//! organization (or one customer) are applied one after the other.
+//! rows, then subscription rows, each kind in sorted order, so two batches never deadlock;
+//! two events of one organization (or one customer) are applied one after the other. No
+//! Stripe API call is made while a transaction is open (see [`apply_events`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use shared::billing::{self, BillingChange, BillingState, Outcome, PlanStatus, Precedence};
+use shared::billing::PlanStatus;
+use shared::billing::subscription::SubscriptionChange;
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
-use shared::db::organizations::Organization;
 use shared::db::webhook_events::StoredEvent;
-use shared::db::{organizations, processed_events, webhook_events};
+use shared::db::{processed_events, webhook_events};
+use shared::metrics::UNMAPPED_PRICES;
 use shared::queue::EventQueue;
 use shared::retry::Backoff;
-use shared::stripe::{self, CheckoutLink, Event, Interpretation as Facts, PlanMapping};
+use shared::stripe::{self, BillingChange, Event, Interpretation as Facts, PlanMapping};
 use sqlx::{PgPool, Postgres, Transaction};
 
+use self::batch::Locked;
+use self::decide::{Refetched, Ties, Verdict, decide};
 use crate::stripe_api::{StripeApi, StripeApiError};
+
+mod batch;
+mod decide;
 
 /// What applying needs.
 #[derive(Clone)]
@@ -89,13 +97,16 @@ pub enum ApplyError {
     /// The applier stopped before answering (shutting down, or it panicked).
     #[error("the applier stopped before answering")]
     Stopped,
+    /// A same-second tie was refetched, but the subscription's status moved on meanwhile.
+    #[error("subscription {0} changed while its tie was refetched; retried")]
+    TieMoved(String),
 }
 
 impl ApplyError {
     /// Retrying later may succeed (database or network trouble); otherwise it never will.
     pub fn is_transient(&self) -> bool {
         match self {
-            ApplyError::Database(_) | ApplyError::Stopped => true,
+            ApplyError::Database(_) | ApplyError::Stopped | ApplyError::TieMoved(_) => true,
             ApplyError::StripeApi(e) => e.is_transient(),
             ApplyError::UnknownEvent(_) | ApplyError::CustomerConflict { .. } => false,
         }
@@ -132,33 +143,6 @@ impl Report {
     }
 }
 
-/// One decision, before it is written.
-struct Verdict {
-    decision: Decision,
-    organization_id: Option<String>,
-    status_before: Option<PlanStatus>,
-    status_after: Option<PlanStatus>,
-    detail: Option<String>,
-    /// Deferred: the customer whose link the event waits for.
-    waiting_for_customer: Option<String>,
-    /// A customer linked by this event: its deferred events are released.
-    linked_customer: Option<String>,
-}
-
-impl Verdict {
-    fn bare(decision: Decision, detail: impl Into<String>) -> Verdict {
-        Verdict {
-            decision,
-            organization_id: None,
-            status_before: None,
-            status_after: None,
-            detail: Some(detail.into()),
-            waiting_for_customer: None,
-            linked_customer: None,
-        }
-    }
-}
-
 /// Applies one stored event. Idempotent: any number of runs, in any order, concurrently,
 /// leave the same state as one.
 pub async fn apply_event(
@@ -166,19 +150,102 @@ pub async fn apply_event(
     event_id: &str,
     options: ApplyOptions,
 ) -> Result<Report, ApplyError> {
-    let mut reports = apply_events(deps, &[event_id], options).await?;
-    Ok(reports.remove(0))
+    apply_events(deps, &[event_id], options)
+        .await?
+        .remove(0)
 }
 
 /// Applies stored events in ONE transaction, one after the other in the order given, each
-/// exactly as [`apply_event`] would alone; returns a report per id, in that order. Any error
-/// rolls all of them back. An id given twice is applied once; the repeat is reported a
-/// duplicate without an audit row of its own.
+/// exactly as [`apply_event`] would alone; returns a result per id, in that order. An error
+/// of the transaction (`Err`) rolls all of them back. An id given twice is applied once; the
+/// repeat is reported a duplicate without an audit row of its own.
+///
+/// An event that ties its subscription's status while the Stripe API is configured is left
+/// out of that transaction; the subscription is fetched once the transaction has committed
+/// (no lock is held during the call), and the event is applied again with Stripe's answer in
+/// a transaction of its own. A failed fetch fails that event alone (its `Err` in the result).
 pub async fn apply_events(
     deps: &Deps,
     event_ids: &[&str],
     options: ApplyOptions,
-) -> Result<Vec<Report>, ApplyError> {
+) -> Result<Vec<Result<Report, ApplyError>>, ApplyError> {
+    let mut refetched = Refetched::new();
+    let mut results = apply_once(deps, event_ids, options, &refetched).await?;
+    let waiting: Vec<(usize, String)> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(at, r)| match r {
+            Pass::Refetch(subscription_id) => Some((at, subscription_id.clone())),
+            Pass::Done(_) => None,
+        })
+        .collect();
+    if waiting.is_empty() {
+        return Ok(results.into_iter().map(Pass::into_result).collect());
+    }
+    let mut again = Vec::new();
+    for (at, subscription_id) in waiting {
+        match fetch_snapshot(deps, &subscription_id, &mut refetched).await {
+            Ok(()) => again.push(at),
+            Err(e) => results[at] = Pass::Done(Err(e)),
+        }
+    }
+    let ids: Vec<&str> = again.iter().map(|at| event_ids[*at]).collect();
+    let second = apply_once(deps, &ids, options, &refetched).await?;
+    for (at, pass) in again.into_iter().zip(second) {
+        results[at] = match pass {
+            // Tied again with a newer status that appeared meanwhile: retried later.
+            Pass::Refetch(id) => Pass::Done(Err(ApplyError::TieMoved(id))),
+            done => done,
+        };
+    }
+    Ok(results.into_iter().map(Pass::into_result).collect())
+}
+
+/// One transaction's outcome for one event.
+enum Pass {
+    /// Decided (or failed alone).
+    Done(Result<Report, ApplyError>),
+    /// Left undecided: the subscription is to be fetched.
+    Refetch(String),
+}
+
+impl Pass {
+    fn into_result(self) -> Result<Report, ApplyError> {
+        match self {
+            Pass::Done(result) => result,
+            Pass::Refetch(id) => Err(ApplyError::TieMoved(id)),
+        }
+    }
+}
+
+/// Fetches a subscription from Stripe, outside any transaction, into `refetched`.
+async fn fetch_snapshot(
+    deps: &Deps,
+    subscription_id: &str,
+    refetched: &mut Refetched,
+) -> Result<(), ApplyError> {
+    if refetched.contains_key(subscription_id) {
+        return Ok(());
+    }
+    let api = deps.stripe.as_ref().ok_or(ApplyError::Stopped)?;
+    let subscription = api.subscription(subscription_id).await?;
+    let snapshot = stripe::subscription_snapshot(&subscription, &deps.plans).ok_or_else(|| {
+        StripeApiError::Decode(format!(
+            "subscription {subscription_id} has an unknown status {:?}",
+            subscription.status
+        ))
+    })?;
+    refetched.insert(subscription_id.to_owned(), snapshot);
+    Ok(())
+}
+
+/// One transaction over the events: claim, lock, decide, write.
+async fn apply_once(
+    deps: &Deps,
+    event_ids: &[&str],
+    options: ApplyOptions,
+    refetched: &Refetched,
+) -> Result<Vec<Pass>, ApplyError> {
     let mut unique = event_ids.to_vec();
     unique.sort_unstable();
     unique.dedup();
@@ -209,11 +276,16 @@ pub async fn apply_events(
         };
         work.push((at, stored, reading));
     }
-    let mut orgs = Locked::take(&mut tx, &work).await?;
+    let facts: Vec<&Facts> = work.iter().filter_map(|(_, _, r)| r.as_ref().ok()).collect();
+    let mut locked = Locked::take(&mut tx, &facts).await?;
+    let ties = Ties {
+        can_refetch: deps.stripe.is_some(),
+        refetched,
+    };
     let mut settled = Vec::with_capacity(work.len());
     for (at, stored, reading) in work {
         let verdict = match reading {
-            Ok(facts) => decide(&mut orgs, deps, stored, facts).await?,
+            Ok(facts) => decide(&mut locked, stored, facts, &ties)?,
             Err(verdict) => verdict,
         };
         settled.push((
@@ -222,7 +294,7 @@ pub async fn apply_events(
             within_deferral_window(verdict, stored, &deps.policy),
         ));
     }
-    orgs.save(&mut tx).await?;
+    locked.save(&mut tx).await?;
     let released = record(&mut tx, &deps.policy, &settled).await?;
     if options.dry_run {
         tx.rollback().await?;
@@ -231,15 +303,18 @@ pub async fn apply_events(
         enqueue_released(&deps.queue, &released).await;
     }
 
-    let mut reports: Vec<Option<Report>> = vec![None; event_ids.len()];
+    let mut passes: Vec<Option<Pass>> = (0..event_ids.len()).map(|_| None).collect();
     for (at, stored, verdict) in settled {
-        reports[at] = Some(Report::from_verdict(verdict, stored));
+        passes[at] = Some(match verdict.refetch {
+            Some(subscription_id) => Pass::Refetch(subscription_id),
+            None => Pass::Done(Ok(Report::from_verdict(verdict, stored))),
+        });
     }
     for (at, n) in repeats {
         let verdict = Verdict::bare(Decision::Duplicate, "repeated in one batch");
-        reports[at] = Some(Report::from_verdict(verdict, &claims[n].0));
+        passes[at] = Some(Pass::Done(Ok(Report::from_verdict(verdict, &claims[n].0))));
     }
-    Ok(reports.into_iter().flatten().collect())
+    Ok(passes.into_iter().flatten().collect())
 }
 
 /// A deferral past the policy's window becomes a dead letter. A dead letter being replayed
@@ -274,6 +349,11 @@ async fn record(
     for (_, stored, verdict) in settled {
         let id = stored.id.as_str();
         let detail = verdict.detail.as_deref();
+        if verdict.refetch.is_some() {
+            // Undecided: the claim goes, so the event is applied again after the refetch.
+            processed_events::delete(&mut **tx, id).await?;
+            continue;
+        }
         match verdict.decision {
             // Claimed before means processed; heals a row a failed concurrent job left pending.
             Decision::Duplicate if stored.status == "processed" => {}
@@ -311,10 +391,12 @@ async fn record(
     };
     let entries: Vec<NewAuditEntry<'_>> = settled
         .iter()
+        .filter(|(_, _, verdict)| verdict.refetch.is_none())
         .map(|(_, stored, verdict)| NewAuditEntry {
             event_id: &stored.id,
             event_type: &stored.event_type,
             organization_id: verdict.organization_id.as_deref(),
+            subscription_id: verdict.subscription_id.as_deref(),
             decision: verdict.decision,
             status_before: verdict.status_before,
             status_after: verdict.status_after,
@@ -375,6 +457,7 @@ pub async fn record_failure(
                     event_id,
                     event_type: &event_type,
                     organization_id: None,
+                    subscription_id: None,
                     decision: Decision::Dead,
                     status_before: None,
                     status_after: None,
@@ -408,234 +491,23 @@ fn read(stored: &StoredEvent, plans: &PlanMapping) -> Result<Facts, Verdict> {
             format!("payload is not a Stripe event: {e}"),
         )
     })?;
-    stripe::interpret(&event, plans)
-        .map_err(|ignored| Verdict::bare(Decision::Ignored, ignored.to_string()))
-}
-
-/// The organizations a batch's events concern, locked for the whole transaction and changed
-/// in memory; [`Locked::save`] writes the changed ones.
-struct Locked {
-    orgs: Vec<Organization>,
-    changed: Vec<bool>,
-}
-
-impl Locked {
-    /// Locks the customer links the events name, then creates the organizations they name
-    /// and locks those and the ones linked to their customers; each kind of lock in sorted
-    /// order, customer links first, so concurrent batches never deadlock.
-    async fn take(
-        tx: &mut Transaction<'static, Postgres>,
-        work: &[(usize, &StoredEvent, Result<Facts, Verdict>)],
-    ) -> Result<Locked, sqlx::Error> {
-        let sorted = |field: fn(&Facts) -> Option<&str>| -> Vec<&str> {
-            let mut values: Vec<&str> = work
-                .iter()
-                .filter_map(|(_, _, reading)| field(reading.as_ref().ok()?))
-                .collect();
-            values.sort_unstable();
-            values.dedup();
-            values
-        };
-        let customers = sorted(|facts| facts.customer_id.as_deref());
-        let ids = sorted(|facts| facts.organization_id.as_deref());
-        if !customers.is_empty() {
-            organizations::lock_customer_links(&mut **tx, &customers).await?;
-        }
-        if !ids.is_empty() {
-            organizations::ensure_exist(&mut **tx, &ids).await?;
-        }
-        let orgs = if ids.is_empty() && customers.is_empty() {
-            Vec::new()
-        } else {
-            organizations::lock(&mut **tx, &ids, &customers).await?
-        };
-        Ok(Locked {
-            changed: vec![false; orgs.len()],
-            orgs,
-        })
-    }
-
-    fn find(&self, matches: impl Fn(&Organization) -> bool) -> Option<usize> {
-        self.orgs.iter().position(matches)
-    }
-
-    /// The organization, to change.
-    fn edit(&mut self, at: usize) -> &mut Organization {
-        self.changed[at] = true;
-        &mut self.orgs[at]
-    }
-
-    async fn save(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), sqlx::Error> {
-        let changed: Vec<&Organization> = self
-            .orgs
-            .iter()
-            .zip(&self.changed)
-            .filter_map(|(org, changed)| changed.then_some(org))
-            .collect();
-        if !changed.is_empty() {
-            organizations::save(&mut **tx, &changed).await?;
-        }
-        Ok(())
-    }
-}
-
-/// Everything between the claim and the writes of the inbox status and audit row, on the
-/// batch's locked organizations.
-async fn decide(
-    orgs: &mut Locked,
-    deps: &Deps,
-    stored: &StoredEvent,
-    facts: Facts,
-) -> Result<Verdict, ApplyError> {
-    let at = match (&facts.organization_id, &facts.customer_id) {
-        (Some(id), _) => orgs.find(|org| &org.id == id),
-        (None, Some(customer)) => {
-            orgs.find(|org| org.stripe_customer_id.as_ref() == Some(customer))
-        }
-        (None, None) => None,
-    };
-    let Some(at) = at else {
-        return Ok(match facts.customer_id {
-            Some(customer) => Verdict {
-                waiting_for_customer: Some(customer.clone()),
-                ..Verdict::bare(
-                    Decision::Deferred,
-                    format!("no organization is linked to customer {customer} yet"),
-                )
-            },
-            None => Verdict::bare(
-                Decision::Ignored,
-                "event names neither an organization nor a customer",
-            ),
-        });
-    };
-
-    let linked_customer = match &facts.customer_id {
-        Some(customer) => link(orgs, at, customer, facts.link.as_ref())?,
-        None => None,
-    };
-    let org = &orgs.orgs[at];
-    let mut verdict = Verdict {
-        decision: Decision::Applied,
-        organization_id: Some(org.id.clone()),
-        status_before: Some(org.plan_status),
-        status_after: Some(org.plan_status),
-        detail: None,
-        waiting_for_customer: None,
-        linked_customer,
-    };
-    let Some(change) = facts.change else {
-        verdict.detail = Some(match &verdict.linked_customer {
-            Some(customer) => format!("linked customer {customer}"),
-            None => "nothing to change".to_owned(),
-        });
-        return Ok(verdict);
-    };
-
-    let current = org.billing_state();
-    let (decision, outcome) =
-        match billing::precedence(stored.stripe_created, org.state_event_created) {
-            Precedence::Newer => (Decision::Applied, billing::apply_change(&current, &change)),
-            Precedence::Older => {
-                let reason = match billing::fill_in(&current, &change) {
-                    Some(filled) => {
-                        let org = orgs.edit(at);
-                        org.plan = filled.plan;
-                        org.current_period_end = filled.current_period_end;
-                        "older than the event behind the stored state; it filled in the plan \
-                         and period end that state lacked"
-                    }
-                    None => "older than the event behind the stored state",
-                };
-                (Decision::Stale, Outcome::Unchanged(reason))
-            }
-            Precedence::Tie => settle_tie(deps, &current, &change).await?,
-        };
-    match outcome {
-        Outcome::Changed(state) => {
-            verdict.status_after = Some(state.plan_status);
-            verdict.detail = None;
-            orgs.edit(at).set_billing_state(state, stored);
-        }
-        Outcome::Unchanged(reason) => verdict.detail = Some(reason.to_owned()),
-    }
-    verdict.decision = match (decision, &verdict.detail) {
-        // A newer event that cannot change this state (e.g. an invoice of another subscription).
-        (Decision::Applied, Some(_)) => Decision::Ignored,
-        (decision, _) => decision,
-    };
-    Ok(verdict)
-}
-
-/// Settles a same-second tie: from Stripe's current subscription when the API is configured,
-/// otherwise by the lifecycle rule of [`billing::tie_prefers`].
-async fn settle_tie(
-    deps: &Deps,
-    current: &BillingState,
-    change: &BillingChange,
-) -> Result<(Decision, Outcome), ApplyError> {
-    let subscription_id = match change {
-        BillingChange::Subscription(next) => next.subscription_id.as_deref(),
-        BillingChange::InvoicePaid {
-            subscription_id, ..
-        }
-        | BillingChange::InvoicePaymentFailed {
-            subscription_id, ..
-        } => Some(subscription_id.as_str()),
-        BillingChange::LifetimePurchase => None,
-    };
-    if let (Some(api), Some(id)) = (&deps.stripe, subscription_id) {
-        let subscription = api.subscription(id).await?;
-        if let Some(truth) = stripe::subscription_state(&subscription, &deps.plans) {
-            let outcome = billing::apply_change(current, &BillingChange::Subscription(truth));
-            return Ok((Decision::Refetched, outcome));
-        }
-    }
-    let outcome = match billing::apply_change(current, change) {
-        Outcome::Changed(next) if !billing::tie_prefers(current.plan_status, next.plan_status) => {
-            Outcome::Unchanged("same-second tie: the stored status is further along the lifecycle")
-        }
-        outcome => outcome,
-    };
-    Ok((Decision::Tie, outcome))
-}
-
-/// Links the customer to the organization when the event says so. A checkout links
-/// explicitly (a customer owned by another organization is an error); any other event links
-/// only an organization that has no customer yet. Returns the customer newly linked.
-fn link(
-    orgs: &mut Locked,
-    at: usize,
-    customer_id: &str,
-    checkout: Option<&CheckoutLink>,
-) -> Result<Option<String>, ApplyError> {
-    let org = &orgs.orgs[at];
-    let already_linked = org.stripe_customer_id.as_deref() == Some(customer_id);
-    if checkout.is_none() && org.stripe_customer_id.is_some() {
-        return Ok(None);
-    }
-    if !already_linked
-        && let Some(owner) =
-            orgs.find(|other| other.stripe_customer_id.as_deref() == Some(customer_id))
+    let facts = stripe::interpret(&event, plans)
+        .map_err(|ignored| Verdict::bare(Decision::Ignored, ignored.to_string()))?;
+    if let Some(BillingChange::Subscription {
+        subscription_id,
+        change: SubscriptionChange::Snapshot(snapshot),
+    }) = &facts.change
+        && snapshot.plan.is_none()
+        && !snapshot.price_ids.is_empty()
     {
-        if checkout.is_none() {
-            return Ok(None);
-        }
-        return Err(ApplyError::CustomerConflict {
-            customer_id: customer_id.to_owned(),
-            owner: orgs.orgs[owner].id.clone(),
-            organization_id: org.id.clone(),
-        });
+        metrics::counter!(UNMAPPED_PRICES).increment(1);
+        tracing::warn!(
+            event.id = %stored.id,
+            subscription.id = %subscription_id,
+            prices = ?snapshot.price_ids,
+            "no price of the subscription maps to a plan (STRIPE_*_PRICE_KEY); its plan is null"
+        );
     }
-    let org = orgs.edit(at);
-    org.stripe_customer_id = Some(customer_id.to_owned());
-    if let Some(checkout) = checkout {
-        if org.stripe_subscription_id.is_none() {
-            org.stripe_subscription_id = checkout.subscription_id.clone();
-        }
-        if checkout.billing_email.is_some() {
-            org.billing_email = checkout.billing_email.clone();
-        }
-    }
-    Ok((!already_linked).then(|| customer_id.to_owned()))
+    Ok(facts)
 }
+
