@@ -311,7 +311,11 @@ impl PlanMapping {
     /// The plan of one price, if the mapping names it.
     pub fn plan_for_price(&self, price: &Price) -> Option<&'static str> {
         let product = price.product.as_ref().map(Expandable::id);
-        let keys = [Some(price.id.as_str()), price.lookup_key.as_deref(), product];
+        let keys = [
+            Some(price.id.as_str()),
+            price.lookup_key.as_deref(),
+            product,
+        ];
         self.plans
             .iter()
             .find(|(_, wanted)| wanted.iter().any(|w| keys.contains(&Some(w.as_str()))))
@@ -666,8 +670,8 @@ mod tests {
             "mode": "payment", "payment_status": "unpaid", "client_reference_id": "org_1",
             "customer": "cus_1"
         });
-        let facts = interpret(&event("checkout.session.completed", unpaid), &plans())
-            .expect("a link");
+        let facts =
+            interpret(&event("checkout.session.completed", unpaid), &plans()).expect("a link");
         assert_eq!(
             (facts.customer_id.as_deref(), facts.change),
             (Some("cus_1"), Option::None),
@@ -681,19 +685,24 @@ mod tests {
             "mode": "setup", "payment_status": "no_payment_required",
             "client_reference_id": "org_1", "customer": "cus_1"
         });
-        let facts = interpret(&event("checkout.session.completed", setup), &plans())
-            .expect("a link");
+        let facts =
+            interpret(&event("checkout.session.completed", setup), &plans()).expect("a link");
         assert_eq!(
-            (facts.organization_id.as_deref(), facts.customer_id.as_deref()),
+            (
+                facts.organization_id.as_deref(),
+                facts.customer_id.as_deref()
+            ),
             (Some("org_1"), Some("cus_1"))
         );
         assert!(facts.link.is_some() && facts.change.is_none());
 
         let customer = json!({ "id": "cus_2", "metadata": { "organization_id": "org_2" } });
-        let facts =
-            interpret(&event("customer.updated", customer), &plans()).expect("interpreted");
+        let facts = interpret(&event("customer.updated", customer), &plans()).expect("interpreted");
         assert_eq!(
-            (facts.organization_id.as_deref(), facts.customer_id.as_deref()),
+            (
+                facts.organization_id.as_deref(),
+                facts.customer_id.as_deref()
+            ),
             (Some("org_2"), Some("cus_2"))
         );
         let anonymous = json!({ "id": "cus_3", "metadata": {} });

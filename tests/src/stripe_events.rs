@@ -57,6 +57,36 @@ impl Customer {
         }
     }
 
+    /// Another subscription of the same organization and customer, `sub_<tag>_<suffix>`.
+    pub fn with_subscription(&self, suffix: &str) -> Customer {
+        Customer {
+            subscription_id: format!("{}_{suffix}", self.subscription_id),
+            ..self.clone()
+        }
+    }
+
+    /// The `checkout.session.completed` of a paid one-time (`payment`-mode) purchase.
+    pub fn lifetime_checkout_event(&self, created: i64) -> Value {
+        let mut session = self.checkout_session("payment");
+        session["id"] = json!(format!("cs_test_{}_lifetime", self.customer_id));
+        event(
+            &format!("evt_{}_lifetime", self.customer_id),
+            "checkout.session.completed",
+            created,
+            session,
+        )
+    }
+
+    /// An event about this customer's subscription, id `evt_<subscription>_<name>`.
+    pub fn event(&self, name: &str, event_type: &str, created: i64, object: Value) -> Value {
+        event(
+            &format!("evt_{}_{name}", self.subscription_id),
+            event_type,
+            created,
+            object,
+        )
+    }
+
     /// A `checkout.session` completed in `subscription` mode, naming the organization in
     /// `client_reference_id`.
     pub fn checkout_session(&self, mode: &str) -> Value {
@@ -108,6 +138,7 @@ impl Customer {
         item["current_period_end"] = json!(period_end);
         item["current_period_start"] = json!(period_end - 30 * 86_400);
         item["price"]["id"] = json!(PREMIUM_PRICE);
+        sub["created"] = json!(period_end - 30 * 86_400);
         sub
     }
 

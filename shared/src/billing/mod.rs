@@ -176,7 +176,6 @@ pub fn tie_prefers(current: PlanStatus, candidate: PlanStatus) -> bool {
     candidate.lifecycle_rank() >= current.lifecycle_rank()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -171,7 +171,15 @@ mod tests {
     #[test]
     fn the_subscription_granting_the_best_access_governs() {
         let cases: Vec<Case> = vec![
-            ("nothing", vec![], false, Option::None, None, Option::None, Option::None),
+            (
+                "nothing",
+                vec![],
+                false,
+                Option::None,
+                None,
+                Option::None,
+                Option::None,
+            ),
             (
                 "one active",
                 vec![sub("a", Active, "basic", 0)],
@@ -183,7 +191,10 @@ mod tests {
             ),
             (
                 "replaced: the old one canceled, the new one active",
-                vec![sub("a", Canceled, "basic", 0), sub("b", Active, "premium", 10)],
+                vec![
+                    sub("a", Canceled, "basic", 0),
+                    sub("b", Active, "premium", 10),
+                ],
                 false,
                 Some("b"),
                 Active,
@@ -192,7 +203,10 @@ mod tests {
             ),
             (
                 "an older active one beats a newer canceled one",
-                vec![sub("a", Active, "basic", 0), sub("b", Canceled, "premium", 10)],
+                vec![
+                    sub("a", Active, "basic", 0),
+                    sub("b", Canceled, "premium", 10),
+                ],
                 false,
                 Some("a"),
                 Active,
@@ -213,7 +227,10 @@ mod tests {
             ),
             (
                 "full access beats read-only",
-                vec![sub("a", PastDue, "basic", 10), sub("b", Trialing, "premium", 0)],
+                vec![
+                    sub("a", PastDue, "basic", 10),
+                    sub("b", Trialing, "premium", 0),
+                ],
                 false,
                 Some("b"),
                 Trialing,
@@ -222,7 +239,10 @@ mod tests {
             ),
             (
                 "read-only beats blocked",
-                vec![sub("a", PastDue, "basic", 0), sub("b", Unpaid, "premium", 10)],
+                vec![
+                    sub("a", PastDue, "basic", 0),
+                    sub("b", Unpaid, "premium", 10),
+                ],
                 false,
                 Some("a"),
                 PastDue,
@@ -231,7 +251,10 @@ mod tests {
             ),
             (
                 "among equals the most recently started",
-                vec![sub("a", Active, "basic", 0), sub("b", Active, "premium", 10)],
+                vec![
+                    sub("a", Active, "basic", 0),
+                    sub("b", Active, "premium", 10),
+                ],
                 false,
                 Some("b"),
                 Active,
@@ -240,7 +263,10 @@ mod tests {
             ),
             (
                 "all blocked: the most recent",
-                vec![sub("a", Canceled, "basic", 0), sub("b", Unpaid, "premium", 10)],
+                vec![
+                    sub("a", Canceled, "basic", 0),
+                    sub("b", Unpaid, "premium", 10),
+                ],
                 false,
                 Some("b"),
                 Unpaid,

@@ -450,7 +450,12 @@ mod tests {
     }
 
     /// (deliveries as (event second, change), final status, final plan)
-    type Case = (&'static str, Vec<(i64, SubscriptionChange)>, PlanStatus, Option<&'static str>);
+    type Case = (
+        &'static str,
+        Vec<(i64, SubscriptionChange)>,
+        PlanStatus,
+        Option<&'static str>,
+    );
 
     #[test]
     fn one_subscription_ends_where_stripe_left_it_whatever_the_delivery_order() {
@@ -489,19 +494,13 @@ mod tests {
             ),
             (
                 "trial start: $0 invoice first, snapshot of the same second",
-                vec![
-                    (10, paid("in_0", 10, 0)),
-                    (10, snap(Trialing, "premium")),
-                ],
+                vec![(10, paid("in_0", 10, 0)), (10, snap(Trialing, "premium"))],
                 Trialing,
                 Some("premium"),
             ),
             (
                 "trial start: snapshot first, $0 invoice of the same second",
-                vec![
-                    (10, snap(Trialing, "premium")),
-                    (10, paid("in_0", 10, 0)),
-                ],
+                vec![(10, snap(Trialing, "premium")), (10, paid("in_0", 10, 0))],
                 Trialing,
                 Some("premium"),
             ),

@@ -243,7 +243,7 @@ async fn a_same_second_tie_is_settled_by_refetching_the_subscription() {
 }
 
 #[tokio::test]
-async fn without_the_api_a_same_second_tie_follows_the_lifecycle_rule() {
+async fn without_the_api_a_snapshot_wins_a_same_second_tie_with_an_invoice() {
     let mut p = Pipeline::start(&[]).await;
     p.start_worker();
     let customer = Customer::new(&unique_tag());
@@ -251,8 +251,8 @@ async fn without_the_api_a_same_second_tie_follows_the_lifecycle_rule() {
     assert_eq!(p.decisions(&failed_id).await, ["tie"]);
     let (_, body) = p.client.billing(&customer.organization_id).await;
     assert_eq!(
-        body["plan_status"], "past_due",
-        "past_due is further along than active: {body}"
+        body["plan_status"], "active",
+        "the subscription's own snapshot outranks an invoice of its second: {body}"
     );
 }
 

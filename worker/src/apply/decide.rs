@@ -111,7 +111,9 @@ pub(super) fn decide(
         Some(BillingChange::LifetimePurchase) => match &org.lifetime_event_id {
             Some(granted_by) => (
                 Decision::Ignored,
-                Some(format!("lifetime access was already granted by {granted_by}")),
+                Some(format!(
+                    "lifetime access was already granted by {granted_by}"
+                )),
             ),
             None => {
                 let org = locked.edit(at);

@@ -150,9 +150,7 @@ pub async fn apply_event(
     event_id: &str,
     options: ApplyOptions,
 ) -> Result<Report, ApplyError> {
-    apply_events(deps, &[event_id], options)
-        .await?
-        .remove(0)
+    apply_events(deps, &[event_id], options).await?.remove(0)
 }
 
 /// Applies stored events in ONE transaction, one after the other in the order given, each
@@ -270,13 +268,16 @@ async fn apply_once(
         }
         let (stored, claimed) = &claims[n];
         let reading = if *claimed || options.force {
-            read(stored, &deps.plans)
+            read(stored, &deps.plans).map_err(|why| Verdict::bare(Decision::Ignored, why))
         } else {
             Err(Verdict::bare(Decision::Duplicate, "already processed"))
         };
         work.push((at, stored, reading));
     }
-    let facts: Vec<&Facts> = work.iter().filter_map(|(_, _, r)| r.as_ref().ok()).collect();
+    let facts: Vec<&Facts> = work
+        .iter()
+        .filter_map(|(_, _, r)| r.as_ref().ok())
+        .collect();
     let mut locked = Locked::take(&mut tx, &facts).await?;
     let ties = Ties {
         can_refetch: deps.stripe.is_some(),
@@ -482,17 +483,12 @@ fn delta(duration: Duration) -> chrono::TimeDelta {
     chrono::TimeDelta::from_std(duration).unwrap_or(chrono::TimeDelta::MAX)
 }
 
-/// What an event says, read without the database; `Err` is the verdict on an event that
-/// cannot change billing state.
-fn read(stored: &StoredEvent, plans: &PlanMapping) -> Result<Facts, Verdict> {
-    let event: Event = serde_json::from_slice(&stored.payload).map_err(|e| {
-        Verdict::bare(
-            Decision::Ignored,
-            format!("payload is not a Stripe event: {e}"),
-        )
-    })?;
-    let facts = stripe::interpret(&event, plans)
-        .map_err(|ignored| Verdict::bare(Decision::Ignored, ignored.to_string()))?;
+/// What an event says, read without the database; `Err` says why an event cannot change
+/// billing state (it is `ignored`).
+fn read(stored: &StoredEvent, plans: &PlanMapping) -> Result<Facts, String> {
+    let event: Event = serde_json::from_slice(&stored.payload)
+        .map_err(|e| format!("payload is not a Stripe event: {e}"))?;
+    let facts = stripe::interpret(&event, plans).map_err(|ignored| ignored.to_string())?;
     if let Some(BillingChange::Subscription {
         subscription_id,
         change: SubscriptionChange::Snapshot(snapshot),
@@ -510,4 +506,3 @@ fn read(stored: &StoredEvent, plans: &PlanMapping) -> Result<Facts, Verdict> {
     }
     Ok(facts)
 }
-
