@@ -225,6 +225,42 @@ impl Housekeeping {
         Ok(active + scheduled)
     }
 
+    /// When the oldest job still waiting was pushed: the first of the `active` list, the
+    /// lowest-scored `scheduled` job and the first parked one (apalis' task ids are ULIDs,
+    /// which sort by their creation time, and parked jobs share one score, so they sort by
+    /// id). `None` when nothing waits.
+    async fn oldest_waiting(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, QueueError> {
+        let mut conn = self.conn.clone();
+        let (active, first_scheduled, first_parked): (Option<String>, Vec<String>, Vec<String>) =
+            redis::pipe()
+                .cmd("LINDEX")
+                .arg(self.config.active_jobs_list())
+                .arg(0)
+                .cmd("ZRANGE")
+                .arg(self.config.scheduled_jobs_set())
+                .arg(0)
+                .arg(0)
+                .cmd("ZRANGEBYSCORE")
+                .arg(self.config.scheduled_jobs_set())
+                .arg(PARKED_AT)
+                .arg(PARKED_AT)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1)
+                .query_async(&mut conn)
+                .await?;
+        let pushed_at = |id: &String| {
+            let ulid = ulid::Ulid::from_string(id).ok()?;
+            chrono::DateTime::from_timestamp_millis(ulid.timestamp_ms() as i64)
+        };
+        Ok(active
+            .iter()
+            .chain(&first_scheduled)
+            .chain(&first_parked)
+            .filter_map(pushed_at)
+            .min())
+    }
+
     /// Runs apalis' `vacuum_before` (which deletes the data of jobs finished before
     /// [`KEEP_FINISHED`] but leaves their ids in the `done` set), then removes from the `done`
     /// set the ids whose data is gone. Returns how many jobs were removed.
@@ -310,6 +346,14 @@ impl<J: Job> JobQueue<J> {
     /// puts new and retried jobs.
     pub async fn depth(&self) -> Result<u64, QueueError> {
         self.housekeeping.depth().await
+    }
+
+    /// When the oldest job still waiting in the queue was pushed (`None`: nothing waits). A
+    /// row enqueued before that has no job waiting: it is done, in flight, or lost.
+    pub async fn oldest_waiting(
+        &self,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, QueueError> {
+        self.housekeeping.oldest_waiting().await
     }
 
     /// Moves jobs to the active list in chunks, keeping it short (see [`PARKED_AT`]); returns

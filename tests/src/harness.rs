@@ -131,12 +131,20 @@ impl TestQueue {
     /// The producer of this prefix's email queue, to push jobs as the sweeper or an operator
     /// would.
     pub async fn email_queue(&self) -> shared::queue::EmailQueue {
+        shared::queue::EmailQueue::new(self.connect().await, &self.prefix)
+    }
+
+    /// The producer of this prefix's event queue.
+    pub async fn event_queue(&self) -> shared::queue::EventQueue {
+        shared::queue::EventQueue::new(self.connect().await, &self.prefix)
+    }
+
+    async fn connect(&self) -> redis::aio::ConnectionManager {
         let config = shared::config::QueueConfig {
             redis_url: redis_url(),
             prefix: self.prefix.clone(),
         };
-        let conn = shared::queue::connect(&config).await.expect("redis");
-        shared::queue::EmailQueue::new(conn, &self.prefix)
+        shared::queue::connect(&config).await.expect("redis")
     }
 }
 

@@ -92,17 +92,27 @@ pub async fn run(
 }
 
 /// One round over the inbox: claims every due event, batch by batch, and pushes their jobs.
-/// Returns how many were enqueued. A pending row whose job is older than `grace` counts as
-/// lost only while the queue is empty: a row whose job still waits behind a backlog is not
-/// lost, and enqueueing it again would only add duplicates to that backlog. Rows due for a
-/// retry are enqueued whatever the queue holds. A push that fails leaves the claimed rows due
-/// again later.
+/// Returns how many were enqueued. A pending row counts as lost when it was enqueued more
+/// than `grace` before both now and the push of the oldest job still waiting (jobs are taken
+/// in the order they were pushed, and a row is enqueued just before its job is pushed): its
+/// job is no longer waiting, whatever the queue's depth. So a lost job is found under a
+/// sustained backlog too, while a row whose job still waits behind that backlog is left alone
+/// (enqueueing it again would only add a duplicate). Rows due for a retry are enqueued
+/// whatever the queue holds. A push that fails leaves the claimed rows due again later.
 pub async fn sweep(pool: &PgPool, queue: &EventQueue, grace: Duration) -> anyhow::Result<usize> {
-    let depth = queue.depth().await.context("reading the queue depth")?;
-    let lost_after = (depth == 0).then_some(grace);
+    let oldest = queue
+        .oldest_waiting()
+        .await
+        .context("reading the queue's oldest job")?;
+    let now = chrono::Utc::now();
+    let horizon = oldest.map_or(now, |oldest| oldest.min(now));
+    let lost_before = chrono::TimeDelta::from_std(grace)
+        .ok()
+        .and_then(|grace| horizon.checked_sub_signed(grace))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
     claim_and_push(
         || async move {
-            webhook_events::claim_due(pool, lost_after, BATCH)
+            webhook_events::claim_due(pool, lost_before, BATCH)
                 .await
                 .context("claiming due events")
         },

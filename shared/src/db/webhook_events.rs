@@ -9,8 +9,6 @@
 //! the sweeper's query: rows past `retry_at`, and rows without one whose job is older than a
 //! grace period (Redis never got it, or lost it).
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgExecutor;
@@ -334,13 +332,13 @@ pub async fn mark_dead<'e>(
 }
 
 /// The sweeper's claim: up to `limit` unfinished rows that are due — past their `retry_at`,
-/// or (when `lost_after` is given) without one and enqueued longer than that ago. They become
+/// or without one and last enqueued at or before `lost_before` (their job is lost). They become
 /// pending with `enqueued_at = now()` before the caller pushes their jobs, and `SKIP LOCKED`
 /// leaves rows another replica is claiming to that replica, so replicas never enqueue a row
 /// twice in one round. If the push then fails, the rows are due again later.
 pub async fn claim_due<'e>(
     db: impl PgExecutor<'e>,
-    lost_after: Option<Duration>,
+    lost_before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
@@ -348,15 +346,13 @@ pub async fn claim_due<'e>(
          WHERE id IN (
              SELECT id FROM webhook_events
              WHERE status IN ('pending', 'deferred')
-               AND (retry_at <= now()
-                    OR (retry_at IS NULL AND $1::float8 IS NOT NULL
-                        AND enqueued_at <= now() - make_interval(secs => $1)))
+               AND (retry_at <= now() OR (retry_at IS NULL AND enqueued_at <= $1))
              ORDER BY enqueued_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED)
          RETURNING id",
     )
-    .bind(lost_after.map(|d| d.as_secs_f64()))
+    .bind(lost_before)
     .bind(limit)
     .fetch_all(db)
     .await

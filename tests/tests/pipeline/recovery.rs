@@ -255,3 +255,41 @@ async fn with_redis_down_ingest_answers_200_and_the_sweeper_delivers_the_event()
     let (_, billing) = p.client.billing(&customer.organization_id).await;
     assert_eq!(billing["stripe_customer_id"], customer.customer_id.as_str());
 }
+
+#[tokio::test]
+async fn a_lost_job_is_enqueued_again_under_a_sustained_backlog() {
+    // No worker: the jobs pushed after the loss stay waiting, a backlog that never drains.
+    let p = Pipeline::start(FAST_RECOVERY).await;
+    let grace = Duration::from_millis(1500);
+    let t = chrono::Utc::now().timestamp();
+    let lost = Customer::new(&unique_tag()).checkout_event(t - 100);
+    assert_eq!(p.client.post_event(&lost).await.0, 200);
+    p.queue.flush();
+    tokio::time::sleep(grace + Duration::from_millis(200)).await;
+    for n in 0..3 {
+        let newer = Customer::new(&format!("{}_{n}", unique_tag())).checkout_event(t);
+        assert_eq!(p.client.post_event(&newer).await.0, 200);
+    }
+    assert_eq!(p.queue.waiting_jobs(), 3, "a backlog waits");
+
+    let queue = p.queue.event_queue().await;
+    let swept = worker::sweeper::sweep(&p.db.pool, &queue, grace)
+        .await
+        .expect("sweep");
+    assert_eq!(
+        swept, 1,
+        "the lost row is enqueued again though the queue is not empty"
+    );
+    assert_eq!(p.queue.waiting_jobs(), 4);
+
+    // Later, the backlog still waiting: none of its rows counts as lost, nor the re-enqueued one.
+    tokio::time::sleep(grace + Duration::from_millis(200)).await;
+    let again = worker::sweeper::sweep(&p.db.pool, &queue, grace)
+        .await
+        .expect("sweep");
+    assert_eq!(
+        again, 0,
+        "rows whose jobs still wait are not enqueued twice"
+    );
+    assert_eq!(p.queue.waiting_jobs(), 4);
+}
