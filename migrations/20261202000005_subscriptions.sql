@@ -5,7 +5,8 @@
 -- Append-only: never edit this file once it has landed; add a new migration instead.
 
 -- One row per Stripe subscription. The status has one ordering marker (status_event_*): a
--- newer event may replace it, an older one may not. The other columns are the details of the
+-- newer event may replace it, an older one may not. status_invoice: the invoice event that
+-- set the status, if one did (its rule is applied again on an older snapshot's status). The other columns are the details of the
 -- newest snapshot delivered (snapshot_event_created), which an older snapshot may still
 -- replace when it is newer than the one they came from.
 CREATE TABLE subscriptions (
@@ -26,7 +27,7 @@ CREATE TABLE subscriptions (
     pending_update         boolean NOT NULL DEFAULT false,
     status_event_id        text NOT NULL,
     status_event_created   timestamptz NOT NULL,
-    status_from_invoice    boolean NOT NULL DEFAULT false,
+    status_invoice         jsonb,
     snapshot_event_created timestamptz,
     failed_invoice_id      text,
     failed_invoice_created timestamptz,

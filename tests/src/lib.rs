@@ -4,4 +4,5 @@
 
 pub mod harness;
 pub mod load;
+pub mod scenarios;
 pub mod stripe_events;

@@ -26,7 +26,8 @@
 //!   when it does change the status it says so in `customer.subscription.updated`.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use sqlx::types::Json;
 
 use super::{PlanStatus, Precedence, precedence, tie_prefers};
 
@@ -61,7 +62,7 @@ pub struct Snapshot {
 }
 
 /// What an invoice event tells about its subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvoiceFacts {
     /// `in_…`
     pub invoice_id: Option<String>,
@@ -71,6 +72,15 @@ pub struct InvoiceFacts {
     pub amount_paid: i64,
     /// Why it was created: `subscription_create`, `subscription_cycle`, `subscription_update`…
     pub billing_reason: Option<String>,
+}
+
+/// The invoice event behind a subscription's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInvoice {
+    /// `invoice.paid` (else `invoice.payment_failed`).
+    pub paid: bool,
+    /// What it said.
+    pub invoice: InvoiceFacts,
 }
 
 /// What one event says about one subscription.
@@ -101,8 +111,9 @@ pub struct SubscriptionState {
     pub status_event_id: Option<String>,
     /// That event's `created`: the ordering marker.
     pub status_event_created: Option<DateTime<Utc>>,
-    /// The status was set by an invoice, not a snapshot.
-    pub status_from_invoice: bool,
+    /// The invoice event that set the status, when one did (not a snapshot).
+    #[serde(skip)]
+    pub status_invoice: Option<Json<StatusInvoice>>,
     /// `created` of the event whose snapshot the details come from; `None` until a snapshot.
     pub snapshot_event_created: Option<DateTime<Utc>>,
     /// The invoice whose failed payment set `past_due`/`unpaid`, until one is paid.
@@ -134,7 +145,7 @@ impl SubscriptionState {
             },
             status_event_id: None,
             status_event_created: None,
-            status_from_invoice: false,
+            status_invoice: None,
             snapshot_event_created: None,
             failed_invoice_id: None,
             failed_invoice_created: None,
@@ -146,21 +157,26 @@ impl SubscriptionState {
         self.status_event_created.is_none()
     }
 
+    /// The status was set by an invoice, not a snapshot.
+    pub fn status_from_invoice(&self) -> bool {
+        self.status_invoice.is_some()
+    }
+
     fn take_snapshot(&mut self, snapshot: &Snapshot, event: Stamp<'_>) {
         self.snapshot = snapshot.clone();
         self.snapshot_event_created = Some(event.created);
-        self.set_status(snapshot.status, event, false);
+        self.set_status(snapshot.status, event, None);
         if !matches!(snapshot.status, PlanStatus::PastDue | PlanStatus::Unpaid) {
             self.failed_invoice_id = None;
             self.failed_invoice_created = None;
         }
     }
 
-    fn set_status(&mut self, status: PlanStatus, event: Stamp<'_>, from_invoice: bool) {
+    fn set_status(&mut self, status: PlanStatus, event: Stamp<'_>, invoice: Option<StatusInvoice>) {
         self.snapshot.status = status;
         self.status_event_id = Some(event.id.to_owned());
         self.status_event_created = Some(event.created);
-        self.status_from_invoice = from_invoice;
+        self.status_invoice = invoice.map(Json);
     }
 }
 
@@ -244,28 +260,45 @@ fn newer(
     settled: Settled,
 ) -> Ruling {
     let mut next = current.clone();
-    match change {
-        SubscriptionChange::Snapshot(snapshot) => next.take_snapshot(snapshot, event),
-        SubscriptionChange::InvoicePaid(invoice) => match invoice_paid(current, invoice) {
-            Ok(status) => {
-                next.set_status(status, event, true);
-                next.failed_invoice_id = None;
-                next.failed_invoice_created = None;
-            }
-            Err(reason) => return Ruling::unchanged(settled, reason),
-        },
-        SubscriptionChange::InvoicePaymentFailed(invoice) => {
-            match invoice_failed(current, invoice) {
-                Ok(status) => {
-                    next.set_status(status, event, true);
-                    next.failed_invoice_id = invoice.invoice_id.clone();
-                    next.failed_invoice_created = invoice.created;
-                }
-                Err(reason) => return Ruling::unchanged(settled, reason),
-            }
+    let (paid, invoice) = match change {
+        SubscriptionChange::Snapshot(snapshot) => {
+            next.take_snapshot(snapshot, event);
+            return Ruling::changed(settled, next);
         }
+        SubscriptionChange::InvoicePaid(invoice) => (true, invoice),
+        SubscriptionChange::InvoicePaymentFailed(invoice) => (false, invoice),
+    };
+    let status_invoice = StatusInvoice {
+        paid,
+        invoice: invoice.clone(),
+    };
+    match apply_invoice(&mut next, &status_invoice) {
+        Ok(status) => {
+            next.set_status(status, event, Some(status_invoice));
+            Ruling::changed(settled, next)
+        }
+        Err(reason) => Ruling::unchanged(settled, reason),
     }
-    Ruling::changed(settled, next)
+}
+
+/// The status an invoice gives on `state`, recording or clearing the failed invoice there; or
+/// why it changes nothing.
+fn apply_invoice(
+    state: &mut SubscriptionState,
+    status_invoice: &StatusInvoice,
+) -> Result<PlanStatus, &'static str> {
+    let invoice = &status_invoice.invoice;
+    if status_invoice.paid {
+        let status = invoice_paid(state, invoice)?;
+        state.failed_invoice_id = None;
+        state.failed_invoice_created = None;
+        Ok(status)
+    } else {
+        let status = invoice_failed(state, invoice)?;
+        state.failed_invoice_id = invoice.invoice_id.clone();
+        state.failed_invoice_created = invoice.created;
+        Ok(status)
+    }
 }
 
 fn older(current: &SubscriptionState, change: &SubscriptionChange, event: Stamp<'_>) -> Ruling {
@@ -280,11 +313,15 @@ fn older(current: &SubscriptionState, change: &SubscriptionChange, event: Stamp<
         return Ruling::unchanged(Settled::Stale, STALE);
     }
     let mut next = current.clone();
-    next.snapshot = Snapshot {
-        status: current.snapshot.status,
-        ..snapshot.clone()
-    };
+    next.snapshot = snapshot.clone();
     next.snapshot_event_created = Some(event.created);
+    // The status stays the newer event's. When that was an invoice, its rule is applied again
+    // on this snapshot's status, which it was about: a failure leaves `unpaid` unpaid, a
+    // payment does not revive an ended subscription, whatever order they arrived in.
+    next.snapshot.status = match current.status_invoice.as_deref() {
+        Some(status_invoice) => apply_invoice(&mut next, status_invoice).unwrap_or(snapshot.status),
+        None => current.snapshot.status,
+    };
     Ruling {
         settled: Settled::Stale,
         next: Some(next),
@@ -297,11 +334,11 @@ fn older(current: &SubscriptionState, change: &SubscriptionChange, event: Stamp<
 
 fn tie(current: &SubscriptionState, change: &SubscriptionChange, event: Stamp<'_>) -> Ruling {
     match change {
-        SubscriptionChange::Snapshot(_) if current.status_from_invoice => {
+        SubscriptionChange::Snapshot(_) if current.status_from_invoice() => {
             newer(current, change, event, Settled::Tie)
         }
         SubscriptionChange::InvoicePaid(_) | SubscriptionChange::InvoicePaymentFailed(_)
-            if !current.status_from_invoice =>
+            if !current.status_from_invoice() =>
         {
             Ruling::unchanged(
                 Settled::Tie,
@@ -517,6 +554,27 @@ mod tests {
                     (20, failed("in_9", 20, "manual")),
                 ],
                 Unpaid,
+                Some("basic"),
+            ),
+            (
+                "a later failure delivered before the unpaid snapshot leaves it unpaid",
+                vec![
+                    (20, failed("in_9", 20, "manual")),
+                    (10, snap(Unpaid, "basic")),
+                ],
+                Unpaid,
+                Some("basic"),
+            ),
+            (
+                "a later payment delivered before the deletion does not revive it",
+                vec![(20, paid("in_9", 20, 100)), (10, snap(Canceled, "basic"))],
+                Canceled,
+                Some("basic"),
+            ),
+            (
+                "a later payment delivered before an older past_due snapshot makes it active",
+                vec![(20, paid("in_9", 20, 100)), (10, snap(PastDue, "basic"))],
+                Active,
                 Some("basic"),
             ),
             (

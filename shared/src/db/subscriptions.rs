@@ -13,7 +13,7 @@ macro_rules! columns {
     () => {
         "id, organization_id, customer_id, status, plan, price_ids, quantity, current_period_end,
          cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_end, started_at,
-         pending_update, status_event_id, status_event_created, status_from_invoice,
+         pending_update, status_event_id, status_event_created, status_invoice,
          snapshot_event_created, failed_invoice_id, failed_invoice_created"
     };
 }
@@ -84,22 +84,22 @@ pub async fn save<'e>(
         "INSERT INTO subscriptions (id, organization_id, customer_id, status, plan, price_ids,
              quantity, current_period_end, cancel_at_period_end, cancel_at, canceled_at,
              ended_at, trial_end, started_at, pending_update, status_event_id,
-             status_event_created, status_from_invoice, snapshot_event_created,
+             status_event_created, status_invoice, snapshot_event_created,
              failed_invoice_id, failed_invoice_created)
          SELECT id, organization_id, customer_id, status, plan,
                 coalesce(string_to_array(nullif(price_ids, ''), ','), '{}'), quantity, current_period_end,
                 cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_end, started_at,
-                pending_update, status_event_id, status_event_created, status_from_invoice,
+                pending_update, status_event_id, status_event_created, status_invoice,
                 snapshot_event_created, failed_invoice_id, failed_invoice_created
          FROM unnest($1::text[], $2::text[], $3::text[], $4::plan_status[], $5::text[],
                      $6::text[], $7::int8[], $8::timestamptz[], $9::bool[], $10::timestamptz[],
                      $11::timestamptz[], $12::timestamptz[], $13::timestamptz[],
                      $14::timestamptz[], $15::bool[], $16::text[], $17::timestamptz[],
-                     $18::bool[], $19::timestamptz[], $20::text[], $21::timestamptz[])
+                     $18::jsonb[], $19::timestamptz[], $20::text[], $21::timestamptz[])
               AS n(id, organization_id, customer_id, status, plan, price_ids, quantity,
                    current_period_end, cancel_at_period_end, cancel_at, canceled_at, ended_at,
                    trial_end, started_at, pending_update, status_event_id,
-                   status_event_created, status_from_invoice, snapshot_event_created,
+                   status_event_created, status_invoice, snapshot_event_created,
                    failed_invoice_id, failed_invoice_created)
          ON CONFLICT (id) DO UPDATE SET
              organization_id = excluded.organization_id, customer_id = excluded.customer_id,
@@ -111,7 +111,7 @@ pub async fn save<'e>(
              started_at = excluded.started_at, pending_update = excluded.pending_update,
              status_event_id = excluded.status_event_id,
              status_event_created = excluded.status_event_created,
-             status_from_invoice = excluded.status_from_invoice,
+             status_invoice = excluded.status_invoice,
              snapshot_event_created = excluded.snapshot_event_created,
              failed_invoice_id = excluded.failed_invoice_id,
              failed_invoice_created = excluded.failed_invoice_created,
@@ -134,7 +134,7 @@ pub async fn save<'e>(
     .bind(column(subs, |s| s.snapshot.pending_update))
     .bind(column(subs, |s| s.status_event_id.as_deref()))
     .bind(column(subs, |s| s.status_event_created))
-    .bind(column(subs, |s| s.status_from_invoice))
+    .bind(column(subs, |s| s.status_invoice.clone()))
     .bind(column(subs, |s| s.snapshot_event_created))
     .bind(column(subs, |s| s.failed_invoice_id.as_deref()))
     .bind(column(subs, |s| s.failed_invoice_created))

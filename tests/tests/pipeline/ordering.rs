@@ -117,6 +117,81 @@ async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_s
     drop(first_worker);
 }
 
+/// Several subscriptions per organization (replacement, upgrade by a new subscription, lifetime
+/// then the old one deleted, a second one expiring incomplete), trial starts with same-second
+/// invoices, portal cancellations and repeated failures on `unpaid`: each event delivered 1–3
+/// times, all shuffled, to two workers at once. Every organization ends in the state the
+/// derivation gives for its true final subscriptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_delivery_of_several_subscriptions_ends_in_the_derived_state() {
+    let (seed, mut rng) = delivery_rng();
+    let mut p = Pipeline::start(&[("WORKER_CONCURRENCY", "4")]).await;
+    p.start_worker();
+    let first_worker = p.worker.take();
+    p.start_worker();
+
+    let start = now() - 3600;
+    let mut scenarios = Vec::new();
+    for round in 0..3 {
+        scenarios.extend(e2e::scenarios::all(
+            &format!("{}_{round}", unique_tag()),
+            start,
+        ));
+    }
+    let mut deliveries = Vec::new();
+    let mut total_events = 0;
+    for scenario in &scenarios {
+        total_events += scenario.events.len() as i64;
+        for ev in &scenario.events {
+            for _ in 0..rng.random_range(1..=3) {
+                deliveries.push(ev.clone());
+            }
+        }
+    }
+    deliveries.shuffle(&mut rng);
+    deliver(&p, deliveries, seed).await;
+    p.wait_until_all_processed(total_events).await;
+
+    for scenario in &scenarios {
+        let (_, body) = p.client.billing(&scenario.customer.organization_id).await;
+        let want = &scenario.expected;
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.timestamp());
+        let got_time = |key: &str| {
+            body[key]
+                .as_str()
+                .and_then(|s| s.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                .map(|t| t.timestamp())
+        };
+        assert_eq!(
+            (
+                body["plan_status"].as_str(),
+                body["plan"].as_str(),
+                body["stripe_subscription_id"].as_str(),
+                body["cancel_at_period_end"].as_bool(),
+                got_time("cancel_at"),
+                got_time("access_ends_at"),
+            ),
+            (
+                Some(want.plan_status.as_str()),
+                want.plan.as_deref(),
+                want.subscription_id.as_deref(),
+                Some(want.cancel_at_period_end),
+                time(want.cancel_at),
+                time(want.access_ends_at),
+            ),
+            "seed {seed}: {}: {body}",
+            scenario.name
+        );
+    }
+    let finals = p.final_decisions().await;
+    assert_eq!(finals.len() as i64, total_events, "seed {seed}");
+    assert!(
+        finals.iter().all(|(_, n)| *n == 1),
+        "seed {seed}: {finals:?}"
+    );
+    drop(first_worker);
+}
+
 /// A backlog is applied in batches (many events, of many organizations, in one transaction):
 /// the events of one organization share batches in any order and with their duplicates, and a
 /// batch holding an event that fails still applies all the others while the failure is
