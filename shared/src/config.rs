@@ -590,6 +590,38 @@ mod tests {
     }
 
     #[test]
+    fn plans_take_comma_separated_keys_and_refuse_empty_or_shared_ones() {
+        let config = worker_with(&[("STRIPE_BASIC_PRICE_KEY", "price_m, price_y,prod_basic")])
+            .expect("valid worker config");
+        let price = |id: &str, product: &str| shared_price(id, product);
+        assert_eq!(
+            config.plans.plan_for_price(&price("price_y", "prod_x")),
+            Some("basic")
+        );
+        assert_eq!(
+            config.plans.plan_for_price(&price("price_z", "prod_basic")),
+            Some("basic")
+        );
+        assert_eq!(
+            config.plans.plan_for_price(&price("price_z", "prod_x")),
+            None
+        );
+        let error =
+            worker_with(&[("STRIPE_BASIC_PRICE_KEY", "price_m,,price_y")]).expect_err("must fail");
+        assert_eq!(
+            error.to_string(),
+            "STRIPE_BASIC_PRICE_KEY is invalid: an empty item in the comma-separated list"
+        );
+        let error =
+            worker_with(&[("STRIPE_BASIC_PRICE_KEY", "price_premium")]).expect_err("must fail");
+        assert!(error.to_string().contains("names two plans"), "{error}");
+    }
+
+    fn shared_price(id: &str, product: &str) -> crate::stripe::Price {
+        serde_json::from_value(serde_json::json!({ "id": id, "product": product })).expect("price")
+    }
+
+    #[test]
     fn worker_recovery_settings_have_defaults_and_are_checked() {
         let config = worker_with(&[]).expect("valid worker config");
         assert_eq!(config.retry, Backoff::default());
