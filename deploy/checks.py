@@ -328,6 +328,10 @@ def check_references(name, docs, config_keys, secret_keys):
                         ref = value_from["secretKeyRef"]
                         if ref["key"] not in secret_keys.get(ref["name"], set()):
                             problem(f"{where}: {env['name']} from Secret {ref['name']} key {ref['key']}, which the template (secret.example.yaml) lacks")
+                volumes = {v["name"] for v in spec["template"]["spec"].get("volumes", [])}
+                for mount in c.get("volumeMounts", []):
+                    if mount["name"] not in volumes:
+                        problem(f"{where}: volumeMount {mount['name']} has no volume")
                 for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                     port = c.get(probe, {}).get("httpGet", {}).get("port")
                     if isinstance(port, str) and port not in ports[key(doc)]:
