@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+mod stripe;
+
+pub use self::stripe::{EVENT_RETENTION, ReconcileConfig, StripeApiConfig};
 use crate::email_address;
 use crate::retry::Backoff;
 use crate::stripe::PlanMapping;
@@ -335,10 +338,11 @@ pub struct WorkerConfig {
     /// `STRIPE_BASIC_PRICE_KEY`, `STRIPE_PREMIUM_PRICE_KEY`, `STRIPE_ENTERPRISE_PRODUCT_KEY`:
     /// the prices, lookup keys or products of each plan, comma-separated.
     pub plans: PlanMapping,
-    /// `STRIPE_SECRET_KEY`: enables refetching subscriptions to settle ties.
-    pub stripe_secret_key: Option<SecretString>,
-    /// `STRIPE_API_BASE`, default Stripe's API; tests point it at a local fake.
-    pub stripe_api_base: String,
+    /// The Stripe API (`STRIPE_SECRET_KEY` enables refetching ties, reconciliation and
+    /// backfill).
+    pub stripe: StripeApiConfig,
+    /// The nightly backfill and reconciliation.
+    pub reconcile: ReconcileConfig,
     /// `METRICS_ADDR`, default `0.0.0.0:9101`.
     pub metrics_addr: SocketAddr,
     /// `WORKER_CONCURRENCY`: event jobs in flight per process, default 128. They wait for
@@ -411,10 +415,8 @@ impl WorkerConfig {
             database: DatabaseConfig::load(source, pool as u32)?,
             queue: QueueConfig::load(source)?,
             plans: source.plans()?,
-            stripe_secret_key: source.get("STRIPE_SECRET_KEY").map(SecretString::from),
-            stripe_api_base: source
-                .get("STRIPE_API_BASE")
-                .unwrap_or_else(|| "https://api.stripe.com".to_owned()),
+            stripe: StripeApiConfig::load(source)?,
+            reconcile: ReconcileConfig::load(source)?,
             metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
             concurrency,
             apply_batch_size: source.positive("APPLY_BATCH_SIZE", 32)? as usize,
@@ -432,6 +434,21 @@ impl WorkerConfig {
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
         })
     }
+}
+
+/// An age such as `90s`, `30m`, `6h` or `7d`; `None` for anything else (or a negative one).
+pub fn parse_age(value: &str) -> Option<chrono::TimeDelta> {
+    let value = value.trim();
+    let (number, unit) = value.split_at(value.len().checked_sub(1)?);
+    let number: i64 = number.parse().ok()?;
+    match unit {
+        "s" => chrono::TimeDelta::try_seconds(number),
+        "m" => chrono::TimeDelta::try_minutes(number),
+        "h" => chrono::TimeDelta::try_hours(number),
+        "d" => chrono::TimeDelta::try_days(number),
+        _ => None,
+    }
+    .filter(|age| *age >= chrono::TimeDelta::zero())
 }
 
 #[cfg(test)]

@@ -13,4 +13,5 @@ pub mod retry;
 pub mod shutdown;
 pub mod signature;
 pub mod stripe;
+pub mod stripe_api;
 pub mod telemetry;

@@ -20,6 +20,11 @@ pub const EMAILS: &str = "billing_emails_total";
 /// Subscription snapshots with prices but none mapped to a plan (`STRIPE_*_PRICE_KEY`): the
 /// subscription's plan is stored null, its price ids are kept.
 pub const UNMAPPED_PRICES: &str = "billing_unmapped_price_events_total";
+/// Stripe API requests by `outcome` (`ok`, `rate_limited`, `server_error`, `client_error`,
+/// `transport`), each attempt counted.
+pub const STRIPE_API_REQUESTS: &str = "billing_stripe_api_requests_total";
+/// Stripe's 429s by `reason` (`Stripe-Rate-Limited-Reason`; `lock_timeout` without one).
+pub const STRIPE_API_RATE_LIMITED: &str = "billing_stripe_api_rate_limited_total";
 /// Events per group commit of ingest's inbox writer.
 pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.

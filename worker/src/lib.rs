@@ -5,5 +5,4 @@ pub mod apply;
 pub mod consume;
 pub mod email;
 pub mod ops;
-pub mod stripe_api;
 pub mod sweeper;

@@ -11,12 +11,12 @@ use shared::config::{DatabaseConfig, Source, WorkerConfig};
 use shared::db::webhook_events::DeadLetterFilter;
 use shared::queue::EmailQueue;
 use shared::shutdown::Stop;
+use shared::stripe_api::StripeClient;
 use sqlx::PgPool;
 use worker::apply::{ApplyOptions, Deps, Policy};
 use worker::consume::{ApplySettings, ConsumerSettings};
 use worker::email::EmailDeps;
 use worker::ops::{self, Output};
-use worker::stripe_api::StripeApi;
 use worker::sweeper::SweeperSettings;
 
 /// Applies Stripe events to organizations' billing state.
@@ -177,10 +177,14 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
     let redis = shared::queue::connect(&config.queue)
         .await
         .context("connecting to Redis (REDIS_URL)")?;
-    let stripe = match &config.stripe_secret_key {
+    let stripe = match &config.stripe.secret_key {
         Some(key) => Some(
-            StripeApi::new(&config.stripe_api_base, key.clone())
-                .context("building the Stripe client")?,
+            StripeClient::new(
+                &config.stripe.base,
+                key.clone(),
+                config.stripe.settings.clone(),
+            )
+            .context("building the Stripe client")?,
         ),
         None => None,
     };
@@ -198,7 +202,8 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
         events: Deps {
             pool,
             plans: config.plans.clone(),
-            stripe,
+            // A failed refetch fails its event, which is retried on the event backoff.
+            stripe: stripe.map(|client| client.with_max_retries(1)),
             queue: shared::queue::EventQueue::new(redis, &config.queue.prefix),
             policy: Policy {
                 max_attempts: config.max_attempts,

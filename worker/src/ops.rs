@@ -409,18 +409,7 @@ pub fn parse_since(value: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Str
              or an age (90s, 30m, 6h, 7d)"
         )
     };
-    let split = value.len().saturating_sub(1);
-    let (number, unit) = value.split_at(split);
-    let number: i64 = number.parse().map_err(|_| expected())?;
-    let age = match unit {
-        "s" => chrono::TimeDelta::try_seconds(number),
-        "m" => chrono::TimeDelta::try_minutes(number),
-        "h" => chrono::TimeDelta::try_hours(number),
-        "d" => chrono::TimeDelta::try_days(number),
-        _ => None,
-    }
-    .filter(|age| *age >= chrono::TimeDelta::zero())
-    .ok_or_else(expected)?;
+    let age = shared::config::parse_age(value).ok_or_else(expected)?;
     now.checked_sub_signed(age).ok_or_else(expected)
 }
 

@@ -26,11 +26,11 @@ use shared::metrics::UNMAPPED_PRICES;
 use shared::queue::EventQueue;
 use shared::retry::Backoff;
 use shared::stripe::{self, BillingChange, Event, Interpretation as Facts, PlanMapping};
+use shared::stripe_api::{StripeApiError, StripeClient};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use self::batch::Locked;
 use self::decide::{Refetched, Ties, Verdict, decide};
-use crate::stripe_api::{StripeApi, StripeApiError};
 
 mod batch;
 mod decide;
@@ -43,7 +43,7 @@ pub struct Deps {
     /// Price and product keys of the plans.
     pub plans: PlanMapping,
     /// Set when `STRIPE_SECRET_KEY` is: ties are settled by refetching.
-    pub stripe: Option<StripeApi>,
+    pub stripe: Option<StripeClient>,
     /// To enqueue deferred events released by a new link.
     pub queue: EventQueue,
     /// Retry and deferral limits.
@@ -93,13 +93,19 @@ pub enum ApplyError {
     },
     /// Refetching from Stripe failed.
     #[error(transparent)]
-    StripeApi(#[from] StripeApiError),
+    StripeApi(Box<StripeApiError>),
     /// The applier stopped before answering (shutting down, or it panicked).
     #[error("the applier stopped before answering")]
     Stopped,
     /// A same-second tie was refetched, but the subscription's status moved on meanwhile.
     #[error("subscription {0} changed while its tie was refetched; retried")]
     TieMoved(String),
+}
+
+impl From<StripeApiError> for ApplyError {
+    fn from(error: StripeApiError) -> ApplyError {
+        ApplyError::StripeApi(Box::new(error))
+    }
 }
 
 impl ApplyError {
@@ -228,10 +234,10 @@ async fn fetch_snapshot(
     let api = deps.stripe.as_ref().ok_or(ApplyError::Stopped)?;
     let subscription = api.subscription(subscription_id).await?;
     let snapshot = stripe::subscription_snapshot(&subscription, &deps.plans).ok_or_else(|| {
-        StripeApiError::Decode(format!(
-            "subscription {subscription_id} has an unknown status {:?}",
-            subscription.status
-        ))
+        StripeApiError::Decode {
+            path: format!("/v1/subscriptions/{subscription_id}"),
+            reason: format!("unknown subscription status {:?}", subscription.status),
+        }
     })?;
     refetched.insert(subscription_id.to_owned(), snapshot);
     Ok(())
