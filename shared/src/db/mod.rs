@@ -7,6 +7,7 @@ pub mod email_outbox;
 pub mod enterprise_requests;
 pub mod organizations;
 pub mod processed_events;
+pub mod reconciliation_runs;
 pub mod subscriptions;
 pub mod webhook_events;
 

@@ -9,7 +9,7 @@ use sqlx::PgExecutor;
 
 use crate::billing::PlanStatus;
 use crate::billing::organization::OrganizationState;
-use crate::db::webhook_events::StoredEvent;
+use crate::billing::subscription::Stamp;
 
 /// A stored organization.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
@@ -56,7 +56,7 @@ pub struct Organization {
 impl Organization {
     /// Takes a newly derived billing state, changed by `event`; `false` when it equals the
     /// stored one (nothing to write).
-    pub fn set_derived(&mut self, state: OrganizationState, event: &StoredEvent) -> bool {
+    pub fn set_derived(&mut self, state: OrganizationState, event: Stamp<'_>) -> bool {
         if state == self.derived() {
             return false;
         }
@@ -68,8 +68,8 @@ impl Organization {
         self.current_period_end = state.current_period_end;
         self.ended_at = state.ended_at;
         self.access_ends_at = state.access_ends_at;
-        self.state_event_id = Some(event.id.clone());
-        self.state_event_created = Some(event.stripe_created);
+        self.state_event_id = Some(event.id.to_owned());
+        self.state_event_created = Some(event.created);
         true
     }
 
@@ -195,6 +195,47 @@ pub async fn save<'e>(db: impl PgExecutor<'e>, orgs: &[&Organization]) -> Result
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// Organizations by id (reads).
+pub async fn get_many<'e>(
+    db: impl PgExecutor<'e>,
+    ids: &[&str],
+) -> Result<Vec<Organization>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM organizations WHERE id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
+/// The organizations linked to these customers: (customer, organization id) pairs.
+pub async fn owners_of_customers<'e>(
+    db: impl PgExecutor<'e>,
+    customer_ids: &[&str],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT stripe_customer_id, id FROM organizations WHERE stripe_customer_id = ANY($1)",
+    )
+    .bind(customer_ids)
+    .fetch_all(db)
+    .await
+}
+
+/// Organizations governed by a subscription (and holding no lifetime purchase): (id,
+/// subscription id) pairs.
+pub async fn governed_by_subscriptions<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, stripe_subscription_id FROM organizations
+         WHERE stripe_subscription_id IS NOT NULL AND lifetime_event_id IS NULL",
+    )
+    .fetch_all(db)
+    .await
 }
 
 /// The id of the organization linked to a Stripe customer, if any.

@@ -37,6 +37,21 @@ pub async fn lock<'e>(
     .await
 }
 
+/// Subscriptions by id (reads).
+pub async fn get_many<'e>(
+    db: impl PgExecutor<'e>,
+    ids: &[&str],
+) -> Result<Vec<SubscriptionState>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM subscriptions WHERE id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
 /// An organization's subscriptions, newest first (reads).
 pub async fn of_organization<'e>(
     db: impl PgExecutor<'e>,

@@ -63,6 +63,23 @@ pub async fn insert_many<'e>(
     db: impl PgExecutor<'e>,
     events: &[NewEvent<'_>],
 ) -> Result<Vec<String>, sqlx::Error> {
+    insert_many_from(db, events, "webhook").await
+}
+
+/// [`insert_many`] for events listed from Stripe's Events API by `worker backfill`: their
+/// rows say `source = 'backfill'`.
+pub async fn insert_backfilled<'e>(
+    db: impl PgExecutor<'e>,
+    events: &[NewEvent<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
+    insert_many_from(db, events, "backfill").await
+}
+
+async fn insert_many_from<'e>(
+    db: impl PgExecutor<'e>,
+    events: &[NewEvent<'_>],
+    source: &'static str,
+) -> Result<Vec<String>, sqlx::Error> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
@@ -73,9 +90,10 @@ pub async fn insert_many<'e>(
     let created: Vec<DateTime<Utc>> = events.iter().map(|e| e.stripe_created).collect();
     let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload).collect();
     sqlx::query_scalar(
-        "INSERT INTO webhook_events (id, type, livemode, api_version, stripe_created, payload)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[],
-                              $5::timestamptz[], $6::bytea[])
+        "INSERT INTO webhook_events
+             (id, type, livemode, api_version, stripe_created, payload, source)
+         SELECT *, $7 FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[],
+                                  $5::timestamptz[], $6::bytea[])
          ON CONFLICT (id) DO NOTHING
          RETURNING id",
     )
@@ -85,8 +103,27 @@ pub async fn insert_many<'e>(
     .bind(api_versions)
     .bind(created)
     .bind(payloads)
+    .bind(source)
     .fetch_all(db)
     .await
+}
+
+/// Which of `ids` are stored.
+pub async fn stored_ids<'e>(
+    db: impl PgExecutor<'e>,
+    ids: &[&str],
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM webhook_events WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(db)
+        .await
+}
+
+/// The `livemode` of the newest stored event, if any: the mode this deployment's data is in.
+pub async fn newest_livemode<'e>(db: impl PgExecutor<'e>) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar("SELECT livemode FROM webhook_events ORDER BY received_at DESC LIMIT 1")
+        .fetch_optional(db)
+        .await
 }
 
 /// How many of `ids` are stored (load-test verification).

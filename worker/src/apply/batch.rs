@@ -6,16 +6,15 @@
 //! subscription rows, each kind in sorted order, so concurrent batches never deadlock.
 
 use shared::billing::organization;
-use shared::billing::subscription::SubscriptionState;
+use shared::billing::subscription::{Stamp, SubscriptionState};
 use shared::db::organizations::{self, Organization};
 use shared::db::subscriptions;
-use shared::db::webhook_events::StoredEvent;
 use shared::stripe::Interpretation as Facts;
 use sqlx::{Postgres, Transaction};
 
 /// The locked rows of a batch.
-pub(super) struct Locked {
-    pub(super) orgs: Vec<Organization>,
+pub(crate) struct Locked {
+    pub(crate) orgs: Vec<Organization>,
     orgs_changed: Vec<bool>,
     subscriptions: Vec<SubscriptionState>,
     subscriptions_changed: Vec<bool>,
@@ -25,7 +24,7 @@ impl Locked {
     /// Locks the customer links the events name, creates the organizations they name, locks
     /// those and the ones linked to their customers, then the subscriptions of all of them
     /// and the ones the events name.
-    pub(super) async fn take(
+    pub(crate) async fn take(
         tx: &mut Transaction<'static, Postgres>,
         facts: &[&Facts],
     ) -> Result<Locked, sqlx::Error> {
@@ -63,23 +62,23 @@ impl Locked {
         })
     }
 
-    pub(super) fn find(&self, matches: impl Fn(&Organization) -> bool) -> Option<usize> {
+    pub(crate) fn find(&self, matches: impl Fn(&Organization) -> bool) -> Option<usize> {
         self.orgs.iter().position(matches)
     }
 
     /// The organization, to change.
-    pub(super) fn edit(&mut self, at: usize) -> &mut Organization {
+    pub(crate) fn edit(&mut self, at: usize) -> &mut Organization {
         self.orgs_changed[at] = true;
         &mut self.orgs[at]
     }
 
     /// The stored subscription.
-    pub(super) fn subscription(&self, id: &str) -> Option<&SubscriptionState> {
+    pub(crate) fn subscription(&self, id: &str) -> Option<&SubscriptionState> {
         self.subscriptions.iter().find(|s| s.id == id)
     }
 
     /// Replaces (or adds) a subscription's state.
-    pub(super) fn put_subscription(&mut self, next: SubscriptionState) {
+    pub(crate) fn put_subscription(&mut self, next: SubscriptionState) {
         match self.subscriptions.iter().position(|s| s.id == next.id) {
             Some(at) => {
                 self.subscriptions[at] = next;
@@ -94,7 +93,7 @@ impl Locked {
 
     /// Derives the organization's state again from its subscriptions and lifetime purchase;
     /// returns whether it changed.
-    pub(super) fn rederive(&mut self, at: usize, event: &StoredEvent) -> bool {
+    pub(crate) fn rederive(&mut self, at: usize, event: Stamp<'_>) -> bool {
         let org = &self.orgs[at];
         let own: Vec<&SubscriptionState> = self
             .subscriptions
@@ -108,7 +107,7 @@ impl Locked {
     }
 
     /// Writes the changed rows.
-    pub(super) async fn save(
+    pub(crate) async fn save(
         &self,
         tx: &mut Transaction<'static, Postgres>,
     ) -> Result<(), sqlx::Error> {

@@ -119,7 +119,7 @@ pub(super) fn decide(
                 let org = locked.edit(at);
                 org.lifetime_event_id = Some(stored.id.clone());
                 org.lifetime_granted_at = Some(stored.stripe_created);
-                locked.rederive(at, stored);
+                locked.rederive(at, stamp(stored));
                 (Decision::Applied, None)
             }
         },
@@ -149,16 +149,12 @@ pub(super) fn decide(
             // The event's organization owns the subscription (it moves if Stripe's metadata
             // now names another one).
             let previous_owner = std::mem::replace(&mut current.organization_id, org_id);
-            let stamp = Stamp {
-                id: &stored.id,
-                created: stored.stripe_created,
-            };
-            let ruling = subscription::rule(&current, &change, stamp, refetched);
+            let ruling = subscription::rule(&current, &change, stamp(stored), refetched);
             if let Some(next) = ruling.next {
                 locked.put_subscription(next);
-                locked.rederive(at, stored);
+                locked.rederive(at, stamp(stored));
                 if let Some(previous) = locked.find(|org| org.id == previous_owner) {
-                    locked.rederive(previous, stored);
+                    locked.rederive(previous, stamp(stored));
                 }
             }
             let decision = match (ruling.settled, ruling.reason) {
@@ -175,6 +171,13 @@ pub(super) fn decide(
     verdict.detail = detail;
     verdict.status_after = Some(locked.orgs[at].plan_status);
     Ok(verdict)
+}
+
+fn stamp(stored: &StoredEvent) -> Stamp<'_> {
+    Stamp {
+        id: &stored.id,
+        created: stored.stripe_created,
+    }
 }
 
 /// Links the customer to the organization when the event says so. A checkout links

@@ -32,7 +32,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use self::batch::Locked;
 use self::decide::{Refetched, Ties, Verdict, decide};
 
-mod batch;
+pub(crate) mod batch;
 mod decide;
 
 /// What applying needs.
