@@ -47,6 +47,8 @@ pub struct Inner {
     pub body_limit_bytes: usize,
     /// The bytes of request bodies held at once, and the time to receive one.
     pub body_budget: BodyBudget,
+    /// Turns to verify a large webhook body (one at a time; see `routes::webhooks`).
+    pub large_body_checks: tokio::sync::Semaphore,
 }
 
 impl AppState {

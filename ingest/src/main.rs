@@ -38,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
             config.limits.body_budget_bytes,
             config.limits.body_timeout,
         ),
+        large_body_checks: tokio::sync::Semaphore::new(1),
     });
     let limits = ingest::server::ServerLimits {
         header_timeout: config.limits.header_timeout,

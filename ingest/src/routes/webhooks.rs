@@ -2,7 +2,10 @@
 //! answer.
 //!
 //! The body arrives already read, within its limit, budget and deadline (`crate::body`). The
-//! signature is checked on those exact bytes first, then the envelope (`shared::envelope`):
+//! signature is checked on those exact bytes first (a body over `LARGE_BODY_BYTES` on a
+//! blocking thread, one at a time, so a flood of near-limit bodies, each of which must be
+//! hashed before it can be refused, takes at most one core and never the threads that answer
+//! real deliveries, which are a few KB), then the envelope (`shared::envelope`):
 //! a delivery Postgres could not store is refused here, alone (`400 invalid_payload` naming
 //! the field), instead of failing the group commit it would have joined.
 //!
@@ -16,13 +19,14 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::metrics::{WEBHOOK_DURATION, WEBHOOKS_RECEIVED};
 use shared::{envelope, signature};
 
 use crate::AppState;
 use crate::batcher::VerifiedEvent;
+use crate::body::LARGE_BODY_BYTES;
 use crate::error::ApiError;
 
 /// The header Stripe signs with.
@@ -70,15 +74,7 @@ async fn store_and_enqueue(
         },
         _ => ApiError::BadRequest(rejection.body_text()),
     })?;
-    // The header's raw bytes: Stripe's libraries see non-ASCII bytes as characters too.
-    let header = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
-    signature::verify(
-        &body,
-        header,
-        &state.webhook_secrets,
-        chrono::Utc::now().timestamp(),
-        signature::DEFAULT_TOLERANCE_SECS,
-    )?;
+    verify_signature(state, &body, headers.get(SIGNATURE_HEADER)).await?;
     let envelope = envelope::parse(&body)?;
     let event = VerifiedEvent {
         id: envelope.id,
@@ -91,4 +87,38 @@ async fn store_and_enqueue(
     state.batcher.store(event).await.map_err(|e| {
         ApiError::Unavailable(anyhow::Error::new(e).context("storing the webhook event"))
     })
+}
+
+/// Checks the `Stripe-Signature` header's raw bytes (Stripe's libraries see non-ASCII bytes
+/// as characters too) against the body, now.
+async fn verify_signature(
+    state: &AppState,
+    body: &Bytes,
+    header: Option<&HeaderValue>,
+) -> Result<(), ApiError> {
+    let now = chrono::Utc::now().timestamp();
+    let check = move |state: &AppState, body: &Bytes, header: Option<&HeaderValue>| {
+        signature::verify(
+            body,
+            header.map(HeaderValue::as_bytes),
+            &state.webhook_secrets,
+            now,
+            signature::DEFAULT_TOLERANCE_SECS,
+        )
+    };
+    if body.len() <= LARGE_BODY_BYTES {
+        return Ok(check(state, body, header)?);
+    }
+    let _turn = state
+        .large_body_checks
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Overloaded)?;
+    let (state, body, header) = (state.clone(), body.clone(), header.cloned());
+    tokio::task::spawn_blocking(move || check(&state, &body, header.as_ref()))
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(anyhow::Error::new(e).context("verifying a signature"))
+        })??;
+    Ok(())
 }
