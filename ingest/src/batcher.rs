@@ -5,12 +5,14 @@
 //! holds its event. With [`BatcherSettings::writers`] batches in flight, each on its own pool
 //! connection, the next batch fills while one commit is in flight.
 //!
-//! Invariants: a reply is sent only after the batch's statement has returned (committed);
-//! duplicates inside a batch are inserted once and only the first occurrence counts as new;
-//! only new ids are enqueued; a failed insert fails every request of its batch; a request whose
-//! writer vanished (shutdown, panic) gets [`StoreError::Gone`] instead of hanging.
+//! Invariants: a reply is sent only after the statement that stored its event has returned
+//! (committed); duplicates inside a batch are inserted once and only the first occurrence
+//! counts as new; only new ids are enqueued; an insert Postgres refuses is retried event by
+//! event, so one event it cannot store fails alone (handlers check the envelope first, so
+//! this is the rare case), while a failed connection fails the whole batch at once; a request
+//! whose writer vanished (shutdown, panic) gets [`StoreError::Gone`] instead of hanging.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -56,8 +58,8 @@ impl VerifiedEvent {
 /// Why an event could not be stored. Either way the delivery must be answered 503.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The batch's insert failed; every request of the batch gets this.
-    #[error("storing a batch of webhook events failed")]
+    /// The event's insert failed (alone, or with its whole batch when the connection failed).
+    #[error("storing the webhook event failed")]
     Insert(#[source] Arc<sqlx::Error>),
     /// The batcher stopped before answering (shutting down, or its task panicked).
     #[error("the inbox writer is gone")]
@@ -126,8 +128,8 @@ impl Batcher {
 }
 
 /// Inserts one batch, enqueues its new ids, and returns each request's answer. The writer
-/// permit is released as soon as the insert returns: the Redis push needs no database connection, and
-/// the next batch's insert may overlap it.
+/// permit is released as soon as the inserts return: the Redis push needs no database
+/// connection, and the next batch's insert may overlap it.
 async fn write(
     batch: Vec<VerifiedEvent>,
     pool: &PgPool,
@@ -147,23 +149,76 @@ async fn write(
     // Sorted, so concurrent batches holding the same ids (a redelivery racing the first
     // delivery) take their row locks in one order instead of deadlocking.
     unique.sort_unstable_by_key(|event| event.id);
-    let inserted = webhook_events::insert_many(pool, &unique).await;
+    let stored = store(pool, &unique).await;
     drop(permit);
-    match inserted {
-        Ok(new_ids) => {
-            let ids: Vec<&str> = new_ids.iter().map(String::as_str).collect();
-            if let Err(e) = queue.push(&ids).await {
-                ::metrics::counter!(ENQUEUE_FAILURES).increment(ids.len() as u64);
-                tracing::warn!(events = ids.len(), error = %e, "events stored but not enqueued; the sweeper will enqueue them");
-            }
-            let mut is_new = vec![Ok(false); batch.len()];
-            for id in &ids {
-                if let Some(&n) = first_of.get(id) {
-                    is_new[n] = Ok(true);
-                }
-            }
-            is_new
-        }
-        Err(e) => vec![Err(StoreError::Insert(Arc::new(e))); batch.len()],
+    let outcome_of: HashMap<&str, &Result<bool, StoreError>> =
+        unique.iter().map(|e| e.id).zip(&stored).collect();
+    let new_ids: Vec<&str> = unique
+        .iter()
+        .zip(&stored)
+        .filter(|(_, stored)| matches!(stored, Ok(true)))
+        .map(|(event, _)| event.id)
+        .collect();
+    if !new_ids.is_empty()
+        && let Err(e) = queue.push(&new_ids).await
+    {
+        ::metrics::counter!(ENQUEUE_FAILURES).increment(new_ids.len() as u64);
+        tracing::warn!(events = new_ids.len(), error = %e, "events stored but not enqueued; the sweeper will enqueue them");
     }
+    batch
+        .iter()
+        .enumerate()
+        .map(|(n, event)| {
+            let Some(&outcome) = outcome_of.get(event.id.as_str()) else {
+                return Err(StoreError::Gone);
+            };
+            if first_of.get(event.id.as_str()) == Some(&n) {
+                outcome.clone()
+            } else {
+                // A repeat inside the batch: a duplicate of a stored event, or not stored.
+                outcome.clone().map(|_| false)
+            }
+        })
+        .collect()
+}
+
+/// Stores `events` with one insert: for each, `Ok(true)` when new, `Ok(false)` when already
+/// stored. If Postgres refuses the insert (an event it cannot store that the envelope checks
+/// did not foresee), each event is inserted again on its own, so only the event that cannot
+/// be stored fails; if the connection failed, they all fail at once (one by one would only
+/// wait for Postgres that many more times).
+async fn store(pool: &PgPool, events: &[NewEvent<'_>]) -> Vec<Result<bool, StoreError>> {
+    let error = match webhook_events::insert_many(pool, events).await {
+        Ok(new_ids) => {
+            let new: HashSet<&str> = new_ids.iter().map(String::as_str).collect();
+            return events.iter().map(|e| Ok(new.contains(e.id))).collect();
+        }
+        Err(error) => error,
+    };
+    if events.len() == 1 || !refused_by_postgres(&error) {
+        return vec![Err(StoreError::Insert(Arc::new(error))); events.len()];
+    }
+    tracing::warn!(events = events.len(), error = %error, "a group commit failed; storing its events one by one");
+    let mut stored = Vec::with_capacity(events.len());
+    let mut connection_failed = None;
+    for event in events {
+        let outcome = match &connection_failed {
+            Some(error) => Err(StoreError::Insert(Arc::clone(error))),
+            None => webhook_events::insert(pool, event).await.map_err(|error| {
+                let error = Arc::new(error);
+                if !refused_by_postgres(&error) {
+                    connection_failed = Some(Arc::clone(&error));
+                }
+                StoreError::Insert(error)
+            }),
+        };
+        stored.push(outcome);
+    }
+    stored
+}
+
+/// Did Postgres refuse the statement (its data, a constraint, a missing table), as opposed to
+/// the connection or the pool failing? Only then can storing events on their own help.
+fn refused_by_postgres(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(_))
 }

@@ -1,12 +1,14 @@
 //! The one HTTP error type. 4xx answers carry a stable machine-readable `code` and a message
-//! (`invalid_field` also names the `field`); 5xx answers are generic, and the full error chain
-//! is logged once, here.
+//! (`invalid_field` and `invalid_payload` also name the `field`); 5xx answers are generic,
+//! and the full error chain is logged once, here (except `overloaded`, expected under abuse
+//! and counted instead).
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use shared::enterprise::{FieldError, InputError, SubmitError};
+use shared::envelope::EnvelopeError;
 use shared::signature::SignatureError;
 
 /// Everything a route can answer besides success.
@@ -24,9 +26,15 @@ pub enum ApiError {
     /// The body could not be read or is not what the endpoint takes.
     #[error("{0}")]
     BadRequest(String),
-    /// A signed webhook body that is not a Stripe event envelope.
-    #[error("payload is not a Stripe event: {0}")]
-    BadPayload(String),
+    /// A signed webhook body that is not an event ingest can store; names the field.
+    #[error("invalid payload: {0}")]
+    InvalidPayload(#[from] EnvelopeError),
+    /// The body did not arrive within the body timeout.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    /// The bytes of request bodies in flight are at their budget; retry shortly.
+    #[error("too many request bodies in flight")]
+    Overloaded,
     /// A field of the body (or a header) is missing or unusable; the answer names it.
     #[error(transparent)]
     InvalidField(#[from] FieldError),
@@ -63,7 +71,9 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::BadPayload(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
+            ApiError::InvalidPayload(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
+            ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::InvalidField(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
             ApiError::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
@@ -100,9 +110,12 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let field = match &self {
             ApiError::InvalidField(e) => Some(e.field),
+            ApiError::InvalidPayload(e) => Some(e.field()),
             _ => None,
         };
-        let message = if status.is_server_error() {
+        let message = if let ApiError::Overloaded = self {
+            format!("{self}; retry later")
+        } else if status.is_server_error() {
             tracing::error!(error = ?anyhow::Error::from(self), "request failed");
             "temporarily unavailable, retry later".to_owned()
         } else {
@@ -113,6 +126,12 @@ impl IntoResponse for ApiError {
             error["field"] = field.into();
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if code == "overloaded" {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

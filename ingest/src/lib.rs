@@ -5,20 +5,25 @@
 
 pub mod auth;
 pub mod batcher;
+pub mod body;
 pub mod error;
 pub mod routes;
+pub mod server;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use secrecy::SecretString;
 use shared::queue::EmailQueue;
 use sqlx::PgPool;
 
 use crate::batcher::Batcher;
+use crate::body::{BodyBudget, Route, hold_body};
+use crate::server::ServerLimits;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -40,6 +45,10 @@ pub struct Inner {
     pub internal_api_token: SecretString,
     /// Largest webhook body accepted.
     pub body_limit_bytes: usize,
+    /// The bytes of request bodies held at once, and the time to receive one.
+    pub body_budget: BodyBudget,
+    /// Turns to verify a large webhook body (one at a time; see `routes::webhooks`).
+    pub large_body_checks: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -56,17 +65,27 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// All routes.
+/// All routes. Each route that takes a body reads it through the body layer first
+/// (`crate::body`): limit, budget and deadline.
 pub fn router(state: AppState) -> Router {
+    let webhook_gate = state
+        .body_budget
+        .gate(state.body_limit_bytes, Route::Webhook);
+    let enterprise_gate = state
+        .body_budget
+        .gate(routes::enterprise::BODY_LIMIT_BYTES, Route::Other);
     Router::new()
         .route(
             "/v1/webhooks/stripe",
-            post(routes::webhooks::receive).layer(DefaultBodyLimit::max(state.body_limit_bytes)),
+            post(routes::webhooks::receive)
+                .layer(DefaultBodyLimit::max(state.body_limit_bytes))
+                .layer(from_fn_with_state(webhook_gate, hold_body)),
         )
         .route(
             "/v1/enterprise-requests",
             post(routes::enterprise::create)
-                .layer(DefaultBodyLimit::max(routes::enterprise::BODY_LIMIT_BYTES)),
+                .layer(DefaultBodyLimit::max(routes::enterprise::BODY_LIMIT_BYTES))
+                .layer(from_fn_with_state(enterprise_gate, hold_body)),
         )
         .route(
             "/v1/organizations/{organization_id}/billing",
@@ -77,13 +96,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
+/// Serves the API on `listener` within `limits` until `shutdown` resolves, then finishes
+/// in-flight requests.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
+    limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(listener, router(state), limits, shutdown).await
 }

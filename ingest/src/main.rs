@@ -34,13 +34,22 @@ async fn main() -> anyhow::Result<()> {
         webhook_secrets: config.webhook_secrets,
         internal_api_token: config.internal_api_token,
         body_limit_bytes: config.body_limit_bytes,
+        body_budget: ingest::body::BodyBudget::new(
+            config.limits.body_budget_bytes,
+            config.limits.body_timeout,
+        ),
+        large_body_checks: tokio::sync::Semaphore::new(1),
     });
+    let limits = ingest::server::ServerLimits {
+        header_timeout: config.limits.header_timeout,
+        max_connections: config.limits.max_connections,
+    };
     let api = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding INGEST_ADDR {}", config.listen_addr))?;
     tracing::info!(addr = %config.listen_addr, metrics = %config.metrics_addr, "ingest listening");
 
-    ingest::run(api, state, stop.wait())
+    ingest::run(api, state, limits, stop.wait())
         .await
         .context("serving the API")?;
     // The server and its state are gone: the batcher writes what is left, then ends.

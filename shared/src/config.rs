@@ -298,6 +298,8 @@ pub struct IngestConfig {
     pub metrics_addr: SocketAddr,
     /// `WEBHOOK_BODY_LIMIT_BYTES`, default 1 MiB.
     pub body_limit_bytes: usize,
+    /// Limits that bound ingest's resources under abuse.
+    pub limits: IngestLimits,
     /// `LOG_FORMAT`, `text` (default) or `json`.
     pub log_format: LogFormat,
 }
@@ -315,6 +317,7 @@ impl IngestConfig {
         if secrets.is_empty() {
             return Err(ConfigError::Missing("STRIPE_WEBHOOK_SECRET"));
         }
+        let body_limit_bytes = source.positive("WEBHOOK_BODY_LIMIT_BYTES", 1024 * 1024)? as usize;
         Ok(IngestConfig {
             database: DatabaseConfig::load(source, 16)?,
             queue: QueueConfig::load(source)?,
@@ -322,8 +325,43 @@ impl IngestConfig {
             internal_api_token: source.secret("INTERNAL_API_TOKEN")?,
             listen_addr: source.parsed("INGEST_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9100)))?,
-            body_limit_bytes: source.positive("WEBHOOK_BODY_LIMIT_BYTES", 1024 * 1024)? as usize,
+            body_limit_bytes,
+            limits: IngestLimits::load(source, body_limit_bytes)?,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
+        })
+    }
+}
+
+/// What bounds ingest's connections, time and memory under hostile traffic.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestLimits {
+    /// `INGEST_HEADER_TIMEOUT_MS`, default 10000: time to receive a request's headers, and
+    /// how long an idle kept-alive connection waits for its next request.
+    pub header_timeout: Duration,
+    /// `INGEST_BODY_TIMEOUT_MS`, default 10000: time to receive a request's whole body.
+    pub body_timeout: Duration,
+    /// `INGEST_BODY_BUDGET_BYTES`, default 16 MiB: request body bytes held at once, at least
+    /// twice `WEBHOOK_BODY_LIMIT_BYTES`.
+    pub body_budget_bytes: usize,
+    /// `INGEST_MAX_CONNECTIONS`, default 1024: open connections at once.
+    pub max_connections: usize,
+}
+
+impl IngestLimits {
+    fn load(source: &Source, body_limit_bytes: usize) -> Result<IngestLimits, ConfigError> {
+        let body_budget_bytes =
+            source.positive("INGEST_BODY_BUDGET_BYTES", 16 * 1024 * 1024)? as usize;
+        if body_budget_bytes < body_limit_bytes.saturating_mul(2) {
+            return Err(ConfigError::Invalid {
+                name: "INGEST_BODY_BUDGET_BYTES",
+                reason: "must be at least twice WEBHOOK_BODY_LIMIT_BYTES".into(),
+            });
+        }
+        Ok(IngestLimits {
+            header_timeout: source.millis("INGEST_HEADER_TIMEOUT_MS", 10_000)?,
+            body_timeout: source.millis("INGEST_BODY_TIMEOUT_MS", 10_000)?,
+            body_budget_bytes,
+            max_connections: source.positive("INGEST_MAX_CONNECTIONS", 1024)? as usize,
         })
     }
 }
@@ -482,6 +520,16 @@ mod tests {
         assert_eq!(config.listen_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(config.body_limit_bytes, 1024 * 1024);
         assert_eq!(config.queue.prefix, "billing");
+        assert_eq!(config.limits.body_budget_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.limits.max_connections, 1024);
+        assert_eq!(config.limits.header_timeout, Duration::from_secs(10));
+        let small = IngestConfig::load(&with(&[("INGEST_BODY_BUDGET_BYTES", "1048577")]));
+        assert!(
+            small
+                .expect_err("must fail")
+                .to_string()
+                .starts_with("INGEST_BODY_BUDGET_BYTES is invalid")
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod db;
 pub mod email_address;
 pub mod enterprise;
+pub mod envelope;
 pub mod group;
 pub mod metrics;
 pub mod queue;

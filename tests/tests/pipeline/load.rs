@@ -89,8 +89,10 @@ async fn concurrent_distinct_and_duplicate_deliveries_are_each_stored_once_and_e
     assert_eq!(p.queue.waiting_jobs(), 60);
 }
 
+/// Every insert fails (the table is gone): the group commit, then each event's insert on its
+/// own. One bad event among good ones fails alone: `hardening.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_group_commit_answers_503_to_every_request_in_it_and_stores_nothing() {
+async fn a_group_commit_whose_every_insert_fails_answers_503_to_each_request_and_stores_nothing() {
     let p = Pipeline::start(&[]).await;
     let tag = unique_tag();
     let customer = Customer::new(&tag);

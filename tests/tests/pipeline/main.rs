@@ -316,6 +316,7 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
 }
 
 mod enterprise;
+mod hardening;
 mod load;
 mod operators;
 mod ordering;
