@@ -25,6 +25,20 @@ pub const UNMAPPED_PRICES: &str = "billing_unmapped_price_events_total";
 pub const STRIPE_API_REQUESTS: &str = "billing_stripe_api_requests_total";
 /// Stripe's 429s by `reason` (`Stripe-Rate-Limited-Reason`; `lock_timeout` without one).
 pub const STRIPE_API_RATE_LIMITED: &str = "billing_stripe_api_rate_limited_total";
+/// Reconciliation runs by `status` (`succeeded`, `failed`).
+pub const RECONCILE_RUNS: &str = "billing_reconcile_runs_total";
+/// Time a reconciliation run took.
+pub const RECONCILE_DURATION: &str = "billing_reconcile_duration_seconds";
+/// Organizations found drifted by the last real (not dry) run of this process.
+pub const RECONCILE_LAST_DRIFTED: &str = "billing_reconcile_last_drifted";
+/// Organizations healed by that run.
+pub const RECONCILE_LAST_HEALED: &str = "billing_reconcile_last_healed";
+/// Organizations pointing at a subscription Stripe does not know, in that run.
+pub const RECONCILE_LAST_ORPHANS: &str = "billing_reconcile_last_orphans";
+/// Unix time the newest successful run finished (read from Postgres at start).
+pub const RECONCILE_LAST_SUCCESS: &str = "billing_reconcile_last_success_timestamp_seconds";
+/// Events stored by backfills.
+pub const EVENTS_BACKFILLED: &str = "billing_events_backfilled_total";
 /// Events per group commit of ingest's inbox writer.
 pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.
@@ -57,6 +71,7 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 const LAG_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
+const RUN_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0];
 
 /// Installs the process-wide recorder with histogram buckets, and keeps it tidy in the
 /// background. Call once per process, inside the Tokio runtime.
@@ -67,6 +82,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Full(EVENT_LAG.into()), LAG_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(INGEST_BATCH_EVENTS.into()), BATCH_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(APPLY_BATCH_EVENTS.into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(RECONCILE_DURATION.into()), RUN_BUCKETS)?
         .install_recorder()?;
     let upkeep = handle.clone();
     tokio::spawn(async move {

@@ -370,6 +370,13 @@ pub fn subscription_snapshot(subscription: &Subscription, plans: &PlanMapping) -
     })
 }
 
+/// The organization a subscription names: its own `metadata.organization_id`, else its
+/// expanded customer's.
+pub fn subscription_organization_id(subscription: &Subscription) -> Option<&str> {
+    metadata_organization_id(&subscription.metadata)
+        .or_else(|| subscription.customer.organization_id())
+}
+
 /// What one event changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BillingChange {
@@ -488,9 +495,7 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
                 }
             })?;
             Ok(Interpretation {
-                organization_id: metadata_organization_id(&subscription.metadata)
-                    .or_else(|| subscription.customer.organization_id())
-                    .map(str::to_owned),
+                organization_id: subscription_organization_id(&subscription).map(str::to_owned),
                 customer_id: Some(subscription.customer.id().to_owned()),
                 link: None,
                 change: Some(BillingChange::Subscription {

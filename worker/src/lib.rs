@@ -5,4 +5,5 @@ pub mod apply;
 pub mod consume;
 pub mod email;
 pub mod ops;
+pub mod reconcile;
 pub mod sweeper;

@@ -17,6 +17,7 @@ use worker::apply::{ApplyOptions, Deps, Policy};
 use worker::consume::{ApplySettings, ConsumerSettings};
 use worker::email::EmailDeps;
 use worker::ops::{self, Output};
+use worker::reconcile::{self as reconciliation, Reconciler, Trigger};
 use worker::sweeper::SweeperSettings;
 
 /// Applies Stripe events to organizations' billing state.
@@ -40,6 +41,48 @@ enum Command {
     /// One stored event.
     #[command(subcommand)]
     Events(Events),
+    /// Compare Stripe's subscriptions with the stored ones and heal drift. Needs the worker's
+    /// environment and STRIPE_SECRET_KEY.
+    #[command(subcommand)]
+    Reconcile(Reconcile),
+    /// Store the events Stripe still has (30 days) that the inbox lacks, and enqueue them.
+    /// Needs the worker's environment and STRIPE_SECRET_KEY.
+    Backfill {
+        /// From when: RFC 3339 time, date, or age (6h, 3d); at most 30 days ago.
+        #[arg(long, value_name = "TIME", value_parser = within_event_retention)]
+        since: DateTime<Utc>,
+        /// Only events of this type (repeatable); default every type the rules handle.
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+        /// Count what would be stored; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Reconcile {
+    /// Run one reconciliation now, in this process.
+    Now {
+        /// Show the drift per organization; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent runs, newest first. Needs only DATABASE_URL.
+    History {
+        /// At most this many.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +161,18 @@ fn since(value: &str) -> Result<DateTime<Utc>, String> {
     ops::parse_since(value, Utc::now())
 }
 
+fn within_event_retention(value: &str) -> Result<DateTime<Utc>, String> {
+    let time = since(value)?;
+    let oldest = Utc::now()
+        - chrono::TimeDelta::from_std(shared::config::EVENT_RETENTION).unwrap_or_default();
+    if time < oldest {
+        return Err(format!(
+            "{value:?} is more than 30 days ago: Stripe keeps events for 30 days"
+        ));
+    }
+    Ok(time)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -133,6 +188,13 @@ fn main() -> std::process::ExitCode {
             Command::Migrate => migrate().await,
             Command::DeadLetters(command) => dead_letters(command).await,
             Command::Events(command) => events(command).await,
+            Command::Reconcile(command) => reconcile(command).await,
+            Command::Backfill {
+                since,
+                types,
+                dry_run,
+                json,
+            } => backfill(since, &types, dry_run, json).await,
         }
     });
     match result {
@@ -165,6 +227,8 @@ struct Resources {
     events: Deps,
     emails: EmailDeps,
     email_queue: EmailQueue,
+    /// Set when STRIPE_SECRET_KEY is.
+    reconciler: Option<Reconciler>,
 }
 
 async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
@@ -197,14 +261,22 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
         retry: config.retry,
         max_attempts: config.max_attempts,
     };
+    let queue = shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix);
+    let reconciler = stripe.clone().map(|client| Reconciler {
+        pool: pool.clone(),
+        client,
+        plans: config.plans.clone(),
+        queue: queue.clone(),
+    });
     Ok(Resources {
+        reconciler,
         email_queue: EmailQueue::new(redis.clone(), &config.queue.prefix),
         events: Deps {
             pool,
             plans: config.plans.clone(),
             // A failed refetch fails its event, which is retried on the event backoff.
-            stripe: stripe.map(|client| client.with_max_retries(1)),
-            queue: shared::queue::EventQueue::new(redis, &config.queue.prefix),
+            stripe: stripe.map(|client| client.with_max_retries(0)),
+            queue,
             policy: Policy {
                 max_attempts: config.max_attempts,
                 retry: config.retry,
@@ -224,7 +296,13 @@ async fn run() -> anyhow::Result<()> {
         events: deps,
         emails: email_deps,
         email_queue,
+        reconciler,
     } = resources(&config).await?;
+    let schedule = tokio::spawn(worker::reconcile::schedule::run(
+        reconciler,
+        config.reconcile.clone(),
+        stop.clone().wait(),
+    ));
     // Before any consumer fetches: jobs wait parked until a promoter moves them to the active
     // list in chunks (apalis' own fetch fails on a large backlog; see shared::queue).
     deps.queue
@@ -290,6 +368,7 @@ async fn run() -> anyhow::Result<()> {
     );
     sweeper.abort();
     promoter.abort();
+    schedule.abort();
     metrics_server.abort();
     events.and(emails)?;
     tracing::info!("worker stopped");
@@ -417,4 +496,52 @@ async fn events(command: Events) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The reconciler of the worker's environment; STRIPE_SECRET_KEY is required.
+async fn reconciler() -> anyhow::Result<Reconciler> {
+    let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
+    anyhow::ensure!(
+        config.stripe.secret_key.is_some(),
+        "configuration error: STRIPE_SECRET_KEY is required to talk to Stripe's API"
+    );
+    let resources = resources(&config).await?;
+    resources
+        .reconciler
+        .context("configuration error: STRIPE_SECRET_KEY is required")
+}
+
+async fn reconcile(command: Reconcile) -> anyhow::Result<()> {
+    match command {
+        Reconcile::Now { dry_run, json } => {
+            let reconciler = reconciler().await?;
+            let report = reconciliation::run(&reconciler, Trigger::Manual, dry_run).await?;
+            Output { json }.print(&report, || reconciliation::render::report_text(&report));
+            anyhow::ensure!(
+                report.status == "succeeded",
+                "reconciliation run {} failed: {}",
+                report.run_id,
+                report.error.as_deref().unwrap_or("see the report")
+            );
+            Ok(())
+        }
+        Reconcile::History { limit, json } => {
+            let pool = connect_database().await?;
+            let runs = shared::db::reconciliation_runs::history(&pool, limit).await?;
+            Output { json }.print(&runs, || reconciliation::render::history_text(&runs));
+            Ok(())
+        }
+    }
+}
+
+async fn backfill(
+    since: DateTime<Utc>,
+    types: &[String],
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let reconciler = reconciler().await?;
+    let report = reconciliation::backfill::backfill(&reconciler, since, types, dry_run).await?;
+    Output { json }.print(&report, || reconciliation::render::backfill_text(&report));
+    Ok(())
 }

@@ -157,6 +157,14 @@ impl SubscriptionState {
         self.status_event_created.is_none()
     }
 
+    /// The state Stripe showed at `stamp` (a reconciliation's fetch): its snapshot, with
+    /// `stamp` as the ordering marker, so any event created before it is stale after it.
+    pub fn reconciled(&self, snapshot: &Snapshot, stamp: Stamp<'_>) -> SubscriptionState {
+        let mut next = self.clone();
+        next.take_snapshot(snapshot, stamp);
+        next
+    }
+
     /// The status was set by an invoice, not a snapshot.
     pub fn status_from_invoice(&self) -> bool {
         self.status_invoice.is_some()

@@ -27,6 +27,9 @@ pub enum Decision {
     /// Given up: failed too often, failed permanently, or waited too long for its
     /// organization. The inbox row is a dead letter an operator can replay.
     Dead,
+    /// Not an event: a reconciliation set the subscription to what Stripe's API showed
+    /// (`event_id` names the run, `reconcile_run_<id>`).
+    Reconciled,
 }
 
 impl Decision {
@@ -41,6 +44,7 @@ impl Decision {
             Decision::Ignored => "ignored",
             Decision::Duplicate => "duplicate",
             Decision::Dead => "dead",
+            Decision::Reconciled => "reconciled",
         }
     }
 }
