@@ -2,6 +2,7 @@
 //! (dropped afterwards), the real `ingest` and `worker` binaries as child processes with their
 //! logs in `target/e2e-logs/`, and signed deliveries.
 
+pub use crate::fake_stripe::FakeStripe;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -433,6 +434,8 @@ pub fn pipeline_env(db: &TestDb, queue: &TestQueue) -> Vec<(String, String)> {
             crate::stripe_events::ENTERPRISE_PRODUCT,
         ),
         ("QUEUE_POLL_INTERVAL_MS", "100"),
+        // A test with a Stripe key must not meet a reconciliation it did not ask for.
+        ("RECONCILE_SCHEDULE", "off"),
         ("RESEND_API_KEY", RESEND_API_KEY),
         ("RESEND_BASE_URL", NO_RESEND),
         ("EMAIL_FROM", EMAIL_FROM),
@@ -581,6 +584,27 @@ impl Pipeline {
         self.run_to_completion("worker", args).await
     }
 
+    /// [`Pipeline::worker_command`] with some variables changed (`""` removes one).
+    pub async fn worker_command_with(
+        &self,
+        changes: &[(&str, &str)],
+        args: &[&str],
+    ) -> (i32, String, String) {
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| !changes.iter().any(|(c, _)| c == k))
+            .cloned()
+            .collect();
+        env.extend(
+            changes
+                .iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        run_binary("worker", args, env).await
+    }
+
     /// Runs a workspace binary to completion with the pipeline's environment:
     /// (exit code, stdout, stderr).
     pub async fn run_to_completion(
@@ -588,25 +612,7 @@ impl Pipeline {
         binary_name: &str,
         args: &[&str],
     ) -> (i32, String, String) {
-        let env = self.env.clone();
-        let path = binary(binary_name);
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let output = tokio::task::spawn_blocking(move || {
-            Command::new(path)
-                .args(&args)
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .output()
-                .expect("run the binary")
-        })
-        .await
-        .expect("binary run");
-        (
-            output.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
+        run_binary(binary_name, args, self.env.clone()).await
     }
 
     /// Starts a (new) worker process.
@@ -652,84 +658,30 @@ impl Pipeline {
     }
 }
 
-/// A local stand-in for Stripe's API: serves the subscriptions put in it, Stripe-shaped, and
-/// counts the requests.
-#[derive(Clone, Default)]
-pub struct FakeStripe {
-    subscriptions: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>,
-    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl FakeStripe {
-    /// Serves on a loopback port; returns the fake and its base URL.
-    pub async fn start() -> (FakeStripe, String) {
-        use axum::extract::{Path, State};
-        use axum::http::StatusCode;
-        let fake = FakeStripe::default();
-        let app = axum::Router::new()
-            .route(
-                "/v1/subscriptions/{id}",
-                axum::routing::get(
-                    |State(fake): State<FakeStripe>, Path(id): Path<String>| async move {
-                        fake.requests
-                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if fake.failing.load(std::sync::atomic::Ordering::SeqCst) {
-                            return (
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                axum::Json(serde_json::json!({ "error": {
-                                    "message": "An unknown error occurred",
-                                    "type": "api_error"
-                                }})),
-                            );
-                        }
-                        let found = fake.subscriptions.lock().expect("lock").get(&id).cloned();
-                        match found {
-                            Some(sub) => (StatusCode::OK, axum::Json(sub)),
-                            None => (
-                                StatusCode::NOT_FOUND,
-                                axum::Json(serde_json::json!({ "error": {
-                                    "code": "resource_missing",
-                                    "message": format!("No such subscription: '{id}'"),
-                                    "param": "id",
-                                    "type": "invalid_request_error"
-                                }})),
-                            ),
-                        }
-                    },
-                ),
-            )
-            .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake Stripe");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (fake, url)
-    }
-
-    /// What `GET /v1/subscriptions/{id}` answers from now on.
-    pub fn set_subscription(&self, subscription: Value) {
-        let id = subscription["id"]
-            .as_str()
-            .expect("subscription id")
-            .to_owned();
-        self.subscriptions
-            .lock()
-            .expect("lock")
-            .insert(id, subscription);
-    }
-
-    /// Answers every request with Stripe's 500 `api_error` while `failing`.
-    pub fn set_failing(&self, failing: bool) {
-        self.failing
-            .store(failing, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Requests served so far.
-    pub fn requests(&self) -> usize {
-        self.requests.load(std::sync::atomic::Ordering::SeqCst)
-    }
+/// Runs a workspace binary to completion with exactly `env` (and `PATH`).
+async fn run_binary(
+    binary_name: &str,
+    args: &[&str],
+    env: Vec<(String, String)>,
+) -> (i32, String, String) {
+    let path = binary(binary_name);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(path)
+            .args(&args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run the binary")
+    })
+    .await
+    .expect("binary run");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// A TCP forwarder on loopback that a test can cut, to take Postgres or Redis away from one

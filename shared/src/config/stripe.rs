@@ -16,14 +16,15 @@ pub struct StripeApiConfig {
     pub secret_key: Option<SecretString>,
     /// `STRIPE_API_BASE`, default Stripe's API; tests point it at a local fake.
     pub base: String,
-    /// `STRIPE_API_RATE_LIMIT` (requests/s, default 20) and `STRIPE_API_CONCURRENCY`
-    /// (requests in flight, default 8).
+    /// `STRIPE_API_RATE_LIMIT` (requests/s, default 20), `STRIPE_API_CONCURRENCY` (requests
+    /// in flight, default 8), `STRIPE_API_MAX_RETRIES` (retries of a transient failure,
+    /// default 6) and `STRIPE_API_RETRY_BASE_MS` (first backoff, default 500; doubles, with
+    /// jitter, up to 30 s).
     pub settings: ClientSettings,
 }
 
 impl StripeApiConfig {
-    /// Reads `STRIPE_SECRET_KEY`, `STRIPE_API_BASE`, `STRIPE_API_RATE_LIMIT`,
-    /// `STRIPE_API_CONCURRENCY`.
+    /// Reads `STRIPE_SECRET_KEY`, `STRIPE_API_BASE` and the client settings.
     pub fn load(source: &Source) -> Result<StripeApiConfig, ConfigError> {
         let rate_limit = source.positive("STRIPE_API_RATE_LIMIT", 20)?;
         let rate_limit = u32::try_from(rate_limit)
@@ -39,6 +40,8 @@ impl StripeApiConfig {
             settings: ClientSettings {
                 rate_limit,
                 concurrency: source.positive("STRIPE_API_CONCURRENCY", 8)? as usize,
+                max_retries: source.parsed("STRIPE_API_MAX_RETRIES", 6)?,
+                retry_base: source.millis("STRIPE_API_RETRY_BASE_MS", 500)?,
                 ..ClientSettings::default()
             },
         })

@@ -320,5 +320,6 @@ mod hardening;
 mod load;
 mod operators;
 mod ordering;
+mod reconcile;
 mod recovery;
 mod subscriptions;
