@@ -7,9 +7,11 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use shared::billing_actions::ActionError;
 use shared::enterprise::{FieldError, InputError, SubmitError};
 use shared::envelope::EnvelopeError;
 use shared::signature::SignatureError;
+use shared::stripe_api::StripeApiError;
 
 /// Everything a route can answer besides success.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,28 @@ pub enum ApiError {
     /// Storage is unavailable; the caller should retry (Stripe does).
     #[error("storage unavailable")]
     Unavailable(#[source] anyhow::Error),
+    /// The organization's state refuses the action; `code` says why.
+    #[error("{message}")]
+    Conflict {
+        /// `already_subscribed`, `no_customer`, `no_subscription`.
+        code: &'static str,
+        /// What to do instead.
+        message: String,
+    },
+    /// A route that needs settings this deployment lacks.
+    #[error("{0}")]
+    NotConfigured(&'static str),
+    /// Stripe refused the call (a 4xx); its message and request id are passed on.
+    #[error("Stripe refused: {message}{}", request_id.as_deref().map(|r| format!(" (request {r})")).unwrap_or_default())]
+    StripeRefused {
+        /// Stripe's message.
+        message: String,
+        /// Stripe's `Request-Id`.
+        request_id: Option<String>,
+    },
+    /// Stripe is unreachable, slow or rate limiting; retry later.
+    #[error("{0}; retry later")]
+    StripeUnavailable(String),
 }
 
 impl ApiError {
@@ -79,7 +103,22 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            ApiError::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
+            ApiError::StripeRefused { .. } => (StatusCode::BAD_GATEWAY, "stripe_error"),
+            ApiError::StripeUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
+    }
+
+    /// Answers whose message is meant for the caller although they are 5xx.
+    fn explains_itself(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Overloaded
+                | ApiError::NotConfigured(_)
+                | ApiError::StripeRefused { .. }
+                | ApiError::StripeUnavailable(_)
+        )
     }
 }
 
@@ -105,6 +144,48 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<ActionError> for ApiError {
+    fn from(error: ActionError) -> ApiError {
+        match error {
+            ActionError::Field(field) => ApiError::InvalidField(field),
+            ActionError::UnknownOrganization(id) => {
+                ApiError::NotFound(format!("organization {id:?} is not known"))
+            }
+            ActionError::Conflict { code, message } => ApiError::Conflict { code, message },
+            e @ ActionError::CustomerOwned { .. } => ApiError::Conflict {
+                code: "customer_conflict",
+                message: e.to_string(),
+            },
+            e @ ActionError::PriceNotFound(_) => {
+                ApiError::Unavailable(anyhow::Error::new(e).context("resolving the plan's price"))
+            }
+            ActionError::Stripe(e) => stripe_error(*e),
+            ActionError::Database(e) => {
+                ApiError::Unavailable(anyhow::Error::new(e).context("a billing action"))
+            }
+        }
+    }
+}
+
+/// A Stripe failure as an answer: a refusal (4xx other than 409/429) is the caller's to read;
+/// anything transient is `503` to retry.
+fn stripe_error(error: StripeApiError) -> ApiError {
+    if error.is_transient() {
+        return ApiError::StripeUnavailable(format!("Stripe is unavailable: {error}"));
+    }
+    match error {
+        StripeApiError::Api {
+            message,
+            request_id,
+            ..
+        } => ApiError::StripeRefused {
+            message,
+            request_id,
+        },
+        other => ApiError::StripeUnavailable(format!("Stripe's answer was unusable: {other}")),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
@@ -115,6 +196,9 @@ impl IntoResponse for ApiError {
         };
         let message = if let ApiError::Overloaded = self {
             format!("{self}; retry later")
+        } else if self.explains_itself() {
+            tracing::warn!(error = %self, code, "billing action refused");
+            self.to_string()
         } else if status.is_server_error() {
             tracing::error!(error = ?anyhow::Error::from(self), "request failed");
             "temporarily unavailable, retry later".to_owned()
@@ -126,10 +210,15 @@ impl IntoResponse for ApiError {
             error["field"] = field.into();
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
-        if code == "overloaded" {
+        let retry_after = match code {
+            "overloaded" => Some("1"),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some("5"),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from_static(seconds),
             );
         }
         if status == StatusCode::UNAUTHORIZED {

@@ -1,7 +1,8 @@
 //! `ingest`: the HTTP side. Stripe's webhook target (verify, store, enqueue, answer), the
-//! billing-status query and Enterprise plan requests of the product's backend, and health
-//! checks. Thin by design: no
-//! Stripe API call and no business logic on the request path.
+//! billing-status query, Enterprise plan requests and billing actions (Checkout and Customer
+//! Portal sessions) of the product's backend, and health checks. Thin by design: no business
+//! logic on the request path, and no Stripe API call but the billing actions', which run under
+//! their own limits (`routes::billing_actions`).
 
 pub mod auth;
 pub mod batcher;
@@ -49,6 +50,8 @@ pub struct Inner {
     pub body_budget: BodyBudget,
     /// Turns to verify a large webhook body (one at a time; see `routes::webhooks`).
     pub large_body_checks: tokio::sync::Semaphore,
+    /// The billing actions and their limits.
+    pub actions: routes::billing_actions::ActionGate,
 }
 
 impl AppState {
@@ -74,6 +77,9 @@ pub fn router(state: AppState) -> Router {
     let enterprise_gate = state
         .body_budget
         .gate(routes::enterprise::BODY_LIMIT_BYTES, Route::Other);
+    let actions_gate = state
+        .body_budget
+        .gate(routes::billing_actions::BODY_LIMIT_BYTES, Route::Other);
     Router::new()
         .route(
             "/v1/webhooks/stripe",
@@ -90,6 +96,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/organizations/{organization_id}/billing",
             get(routes::billing::get_billing),
+        )
+        .route(
+            "/v1/organizations/{organization_id}/checkout-sessions",
+            post(routes::billing_actions::checkout)
+                .layer(DefaultBodyLimit::max(
+                    routes::billing_actions::BODY_LIMIT_BYTES,
+                ))
+                .layer(from_fn_with_state(actions_gate.clone(), hold_body)),
+        )
+        .route(
+            "/v1/organizations/{organization_id}/portal-sessions",
+            post(routes::billing_actions::portal)
+                .layer(DefaultBodyLimit::max(
+                    routes::billing_actions::BODY_LIMIT_BYTES,
+                ))
+                .layer(from_fn_with_state(actions_gate, hold_body)),
         )
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))

@@ -26,6 +26,29 @@ async fn main() -> anyhow::Result<()> {
         shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix),
         ingest::batcher::BatcherSettings::default(),
     );
+    let actions_config = &config.billing_actions;
+    let actions = match (&actions_config.stripe.secret_key, &actions_config.prices) {
+        (Some(key), Some(prices)) => {
+            // One TLS crypto provider for the process, set before the client is built.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let client = shared::stripe_api::StripeClient::new(
+                &actions_config.stripe.base,
+                key.clone(),
+                actions_config.stripe.settings.clone(),
+            )
+            .context("building the Stripe client")?;
+            Some(shared::billing_actions::BillingActions::new(
+                pool.clone(),
+                client,
+                shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix),
+                prices.clone(),
+            ))
+        }
+        _ => {
+            tracing::info!("billing actions off: STRIPE_SECRET_KEY is not set");
+            None
+        }
+    };
     let state = ingest::AppState::new(ingest::Inner {
         pool,
         batcher,
@@ -39,6 +62,11 @@ async fn main() -> anyhow::Result<()> {
             config.limits.body_timeout,
         ),
         large_body_checks: tokio::sync::Semaphore::new(1),
+        actions: ingest::routes::billing_actions::ActionGate {
+            actions,
+            slots: tokio::sync::Semaphore::new(actions_config.concurrency),
+            timeout: actions_config.timeout,
+        },
     });
     let limits = ingest::server::ServerLimits {
         header_timeout: config.limits.header_timeout,

@@ -11,7 +11,7 @@ use secrecy::SecretString;
 
 mod stripe;
 
-pub use self::stripe::{EVENT_RETENTION, ReconcileConfig, StripeApiConfig};
+pub use self::stripe::{BillingActionsConfig, EVENT_RETENTION, ReconcileConfig, StripeApiConfig};
 use crate::email_address;
 use crate::retry::Backoff;
 use crate::stripe::PlanMapping;
@@ -300,6 +300,8 @@ pub struct IngestConfig {
     pub body_limit_bytes: usize,
     /// Limits that bound ingest's resources under abuse.
     pub limits: IngestLimits,
+    /// The billing-action routes.
+    pub billing_actions: BillingActionsConfig,
     /// `LOG_FORMAT`, `text` (default) or `json`.
     pub log_format: LogFormat,
 }
@@ -327,6 +329,7 @@ impl IngestConfig {
             metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9100)))?,
             body_limit_bytes,
             limits: IngestLimits::load(source, body_limit_bytes)?,
+            billing_actions: BillingActionsConfig::load(source)?,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
         })
     }

@@ -51,7 +51,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(field: &'static str, message: impl Into<String>) -> FieldError {
+    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> FieldError {
         FieldError {
             field,
             message: message.into(),
@@ -105,7 +105,7 @@ pub fn parse_request(body: &[u8]) -> Result<EnterpriseRequestInput, InputError> 
     })
 }
 
-fn type_name(value: &Value) -> &'static str {
+pub(crate) fn type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -116,7 +116,7 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
-fn text_field(
+pub(crate) fn text_field(
     value: Option<&Value>,
     field: &'static str,
     max_len: usize,

@@ -2,6 +2,7 @@
 //! payload models, signature checks, Enterprise requests, group work, the queues, telemetry and metrics.
 
 pub mod billing;
+pub mod billing_actions;
 pub mod config;
 pub mod db;
 pub mod email_address;

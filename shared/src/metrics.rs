@@ -39,6 +39,10 @@ pub const RECONCILE_LAST_ORPHANS: &str = "billing_reconcile_last_orphans";
 pub const RECONCILE_LAST_SUCCESS: &str = "billing_reconcile_last_success_timestamp_seconds";
 /// Events stored by backfills.
 pub const EVENTS_BACKFILLED: &str = "billing_events_backfilled_total";
+/// Billing actions (Checkout and Customer Portal sessions) by `action` (`checkout`, `portal`)
+/// and `outcome` (`created`, `invalid`, `conflict`, `not_found`, `stripe_error`,
+/// `unavailable`, `not_configured`).
+pub const BILLING_ACTIONS: &str = "billing_actions_total";
 /// Events per group commit of ingest's inbox writer.
 pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.

@@ -22,9 +22,41 @@ pub struct FakeStripe {
     inner: Arc<Inner>,
 }
 
+/// A POST the fake received: its path, form parameters and idempotency key.
+#[derive(Debug, Clone)]
+pub struct Post {
+    /// e.g. `/v1/checkout/sessions`.
+    pub path: String,
+    /// The form's pairs, in order.
+    pub form: Vec<(String, String)>,
+    /// `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+}
+
+impl Post {
+    /// The value of a form parameter.
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An idempotency key's cached answer, or `None` while its first request is in flight.
+type Remembered = Option<(StatusCode, Value)>;
+
 #[derive(Default)]
 struct Inner {
     subscriptions: Mutex<BTreeMap<String, Value>>,
+    customers: Mutex<BTreeMap<String, Value>>,
+    invoices: Mutex<Vec<Value>>,
+    prices: Mutex<BTreeMap<String, String>>,
+    inactive_prices: Mutex<Vec<String>>,
+    posts: Mutex<Vec<Post>>,
+    idempotent: Mutex<BTreeMap<String, Remembered>>,
+    created: AtomicUsize,
+    hanging: AtomicBool,
     events: Mutex<Vec<Value>>,
     requests: Mutex<Vec<(Instant, String)>>,
     served: AtomicUsize,
@@ -85,6 +117,18 @@ impl FakeStripe {
                 axum::routing::get(get_subscription),
             )
             .route("/v1/events", axum::routing::get(list_events))
+            .route("/v1/invoices", axum::routing::get(list_invoices))
+            .route("/v1/prices", axum::routing::get(list_prices))
+            .route("/v1/customers", axum::routing::post(create_customer))
+            .route("/v1/customers/{id}", axum::routing::post(update_customer))
+            .route(
+                "/v1/checkout/sessions",
+                axum::routing::post(create_checkout),
+            )
+            .route(
+                "/v1/billing_portal/sessions",
+                axum::routing::post(create_portal),
+            )
             .layer(axum::middleware::from_fn_with_state(fake.clone(), gate))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -111,6 +155,57 @@ impl FakeStripe {
     /// Adds an event to what `GET /v1/events` lists.
     pub fn add_event(&self, event: Value) {
         self.inner.events.lock().expect("lock").push(event);
+    }
+
+    /// Adds an invoice (listed by `GET /v1/invoices?customer=…&status=…`).
+    pub fn add_invoice(&self, invoice: Value) {
+        self.inner.invoices.lock().expect("lock").push(invoice);
+    }
+
+    /// Makes `GET /v1/prices?lookup_keys[]=key` find `price_id`.
+    pub fn set_lookup_key(&self, key: &str, price_id: &str) {
+        self.inner
+            .prices
+            .lock()
+            .expect("lock")
+            .insert(key.to_owned(), price_id.to_owned());
+    }
+
+    /// Checkout refuses this price as inactive, as Stripe does.
+    pub fn deactivate_price(&self, price_id: &str) {
+        self.inner
+            .inactive_prices
+            .lock()
+            .expect("lock")
+            .push(price_id.to_owned());
+    }
+
+    /// While `hanging`, every request waits a minute before being answered.
+    pub fn set_hanging(&self, hanging: bool) {
+        self.inner.hanging.store(hanging, Ordering::SeqCst);
+    }
+
+    /// The POSTs to `path` received so far.
+    pub fn posts_to(&self, path: &str) -> Vec<Post> {
+        self.inner
+            .posts
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|p| p.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// The customers created (distinct objects, whatever the retries).
+    pub fn customers(&self) -> Vec<Value> {
+        self.inner
+            .customers
+            .lock()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Answers every request with Stripe's 500 `api_error` while `failing`.
@@ -189,6 +284,9 @@ async fn gate(State(fake): State<FakeStripe>, request: Request, next: Next) -> R
         log.push((Instant::now(), request.uri().to_string()));
         log.len()
     };
+    if inner.hanging.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
     let injected = inner.injected.lock().expect("lock").pop_front();
     let limited = inner
         .bucket
@@ -337,4 +435,196 @@ async fn list_events(State(fake): State<FakeStripe>, RawQuery(query): RawQuery) 
         .cloned()
         .collect();
     page("/v1/events", events, &pairs)
+}
+
+fn form(body: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(body).into_owned().collect()
+}
+
+/// Records a POST and answers it once per idempotency key, as Stripe does: a repeat gets the
+/// first answer, a repeat while the first is in flight gets 409.
+async fn idempotent(
+    fake: &FakeStripe,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    create: impl FnOnce(&FakeStripe, &Post) -> (StatusCode, Value),
+) -> Response {
+    let post = Post {
+        path: path.to_owned(),
+        form: form(body),
+        idempotency_key: headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
+    fake.inner.posts.lock().expect("lock").push(post.clone());
+    if let Some(key) = &post.idempotency_key {
+        let mut remembered = fake.inner.idempotent.lock().expect("lock");
+        match remembered.get(key) {
+            Some(Some((status, value))) => return (*status, Json(value.clone())).into_response(),
+            Some(None) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    "idempotency_error",
+                    Some("idempotency_key_in_use"),
+                    "There is currently another in-progress request using this Stripe-Idempotency-Key.",
+                );
+            }
+            None => {
+                remembered.insert(key.clone(), None);
+            }
+        }
+    }
+    // Stripe takes a while to create an object: concurrent repeats meet the first in flight.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (status, value) = create(fake, &post);
+    if let Some(key) = &post.idempotency_key {
+        fake.inner
+            .idempotent
+            .lock()
+            .expect("lock")
+            .insert(key.clone(), Some((status, value.clone())));
+    }
+    (status, Json(value)).into_response()
+}
+
+fn next_id(fake: &FakeStripe, prefix: &str) -> String {
+    let n = fake.inner.created.fetch_add(1, Ordering::SeqCst) + 1;
+    format!("{prefix}_fake_{n}")
+}
+
+async fn create_customer(
+    State(fake): State<FakeStripe>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    idempotent(&fake, "/v1/customers", &headers, &body, |fake, post| {
+        let id = next_id(fake, "cus");
+        let mut customer = json!({ "id": id, "object": "customer", "metadata": {} });
+        for (key, value) in &post.form {
+            if let Some(meta) = key
+                .strip_prefix("metadata[")
+                .and_then(|k| k.strip_suffix(']'))
+            {
+                customer["metadata"][meta] = json!(value);
+            } else {
+                customer[key] = json!(value);
+            }
+        }
+        fake.inner
+            .customers
+            .lock()
+            .expect("lock")
+            .insert(id, customer.clone());
+        (StatusCode::OK, customer)
+    })
+    .await
+}
+
+async fn update_customer(
+    State(fake): State<FakeStripe>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let path = format!("/v1/customers/{id}");
+    idempotent(&fake, &path, &headers, &body, |fake, post| {
+        let mut customers = fake.inner.customers.lock().expect("lock");
+        let Some(customer) = customers.get_mut(&id) else {
+            return (
+                StatusCode::NOT_FOUND,
+                json!({ "error": { "type": "invalid_request_error", "code": "resource_missing",
+                                   "message": format!("No such customer: '{id}'") } }),
+            );
+        };
+        for (key, value) in &post.form {
+            customer[key] = json!(value);
+        }
+        (StatusCode::OK, customer.clone())
+    })
+    .await
+}
+
+async fn create_checkout(
+    State(fake): State<FakeStripe>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    idempotent(&fake, "/v1/checkout/sessions", &headers, &body, |fake, post| {
+        let price = post.param("line_items[0][price]").unwrap_or_default();
+        if fake.inner.inactive_prices.lock().expect("lock").iter().any(|p| p == price) {
+            return (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": { "type": "invalid_request_error",
+                    "param": "line_items[0][price]",
+                    "message": "The price specified is inactive. This field only accepts active prices." } }),
+            );
+        }
+        let id = next_id(fake, "cs_test");
+        let session = json!({
+            "id": id, "object": "checkout.session",
+            "url": format!("https://checkout.stripe.com/c/pay/{id}"),
+            "customer": post.param("customer"), "mode": post.param("mode"),
+            "client_reference_id": post.param("client_reference_id")
+        });
+        (StatusCode::OK, session)
+    })
+    .await
+}
+
+async fn create_portal(
+    State(fake): State<FakeStripe>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    idempotent(
+        &fake,
+        "/v1/billing_portal/sessions",
+        &headers,
+        &body,
+        |fake, post| {
+            let id = next_id(fake, "bps");
+            let session = json!({
+                "id": id, "object": "billing_portal.session",
+                "url": format!("https://billing.stripe.com/p/session/{id}"),
+                "customer": post.param("customer")
+            });
+            (StatusCode::OK, session)
+        },
+    )
+    .await
+}
+
+async fn list_invoices(State(fake): State<FakeStripe>, RawQuery(query): RawQuery) -> Response {
+    let pairs = pairs(query);
+    let customer = param(&pairs, "customer");
+    let status = param(&pairs, "status");
+    let invoices: Vec<Value> = fake
+        .inner
+        .invoices
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|i| customer.is_none_or(|c| i["customer"] == c))
+        .filter(|i| status.is_none_or(|s| i["status"] == s))
+        .cloned()
+        .collect();
+    page("/v1/invoices", invoices, &pairs)
+}
+
+async fn list_prices(State(fake): State<FakeStripe>, RawQuery(query): RawQuery) -> Response {
+    let pairs = pairs(query);
+    let prices = fake.inner.prices.lock().expect("lock");
+    let found: Vec<Value> = pairs
+        .iter()
+        .filter(|(k, _)| k == "lookup_keys[]")
+        .filter_map(|(_, key)| {
+            prices.get(key).map(|id| {
+                json!({ "id": id, "object": "price", "lookup_key": key, "active": true, "created": 1 })
+            })
+        })
+        .collect();
+    drop(prices);
+    page("/v1/prices", found, &pairs)
 }

@@ -404,6 +404,49 @@ impl IngestClient {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// `POST path` of the internal API: raw body, any bearer token (or none), an optional
+    /// `Idempotency-Key`; the status, the JSON answer and its `Retry-After`.
+    pub async fn post_internal(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        token: Option<&str>,
+        idempotency_key: Option<&str>,
+    ) -> (u16, Value, Option<String>) {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .header("Content-Type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.expect("internal request");
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        (
+            status,
+            response.json().await.unwrap_or(Value::Null),
+            retry_after,
+        )
+    }
+
+    /// `POST path` with `body` as JSON and the tests' token.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let body = serde_json::to_vec(body).expect("serialize");
+        let (status, answer, _) = self
+            .post_internal(path, body, Some(INTERNAL_TOKEN), None)
+            .await;
+        (status, answer)
+    }
+
     /// `GET path`, status only.
     pub async fn get_status(&self, path: &str) -> Option<u16> {
         let response = self

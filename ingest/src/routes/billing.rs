@@ -28,6 +28,8 @@ pub struct BillingResponse {
     stripe_subscription_id: Option<String>,
     access: Access,
     lifetime: bool,
+    /// Which of `checkout`, `portal`, `fix_payment` make sense now.
+    billing_actions: Vec<&'static str>,
     subscriptions: Vec<SubscriptionBody>,
     updated_at: DateTime<Utc>,
 }
@@ -89,6 +91,7 @@ pub async fn get_billing(
     Ok(Json(BillingResponse {
         access: access(org.plan_status),
         lifetime: org.has_lifetime(),
+        billing_actions: shared::billing_actions::available(&org),
         organization_id: org.id,
         plan: org.plan,
         plan_status: org.plan_status,

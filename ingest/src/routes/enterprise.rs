@@ -12,17 +12,15 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use serde_json::{Value, json};
-use shared::enterprise::{self, FieldError, Submitted};
+use shared::enterprise::{self, Submitted};
 use shared::metrics::{ENQUEUE_FAILURES, ENTERPRISE_REQUESTS};
 
 use crate::AppState;
 use crate::auth::InternalCaller;
 use crate::error::ApiError;
-
-/// The caller's idempotency key header.
-const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+use crate::routes::{idempotency_key, read_body};
 
 /// Largest body accepted: the four fields at their maximum lengths fit many times over.
 pub const BODY_LIMIT_BYTES: usize = 16 * 1024;
@@ -57,12 +55,7 @@ async fn store_and_enqueue(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Submitted, ApiError> {
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
-            limit: BODY_LIMIT_BYTES,
-        },
-        _ => ApiError::BadRequest(rejection.body_text()),
-    })?;
+    let body = read_body(body, BODY_LIMIT_BYTES)?;
     let idempotency_key = idempotency_key(headers)?;
     let input = enterprise::parse_request(&body)?;
     let submitted = enterprise::submit(&state.pool, &input, idempotency_key).await?;
@@ -79,17 +72,4 @@ async fn store_and_enqueue(
         }
     }
     Ok(submitted)
-}
-
-/// The `Idempotency-Key` header, checked; `None` when absent.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
-        return Ok(None);
-    };
-    let key = value.to_str().map_err(|_| FieldError {
-        field: "Idempotency-Key",
-        message: "must be visible ASCII characters without spaces".into(),
-    })?;
-    enterprise::check_idempotency_key(key)?;
-    Ok(Some(key))
 }

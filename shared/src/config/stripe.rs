@@ -7,6 +7,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use super::{ConfigError, Source, parse_age};
+use crate::billing_actions::CheckoutPrices;
 use crate::stripe_api::ClientSettings;
 
 /// How the product reaches Stripe's API.
@@ -44,6 +45,57 @@ impl StripeApiConfig {
                 retry_base: source.millis("STRIPE_API_RETRY_BASE_MS", 500)?,
                 ..ClientSettings::default()
             },
+        })
+    }
+}
+
+/// Ingest's billing-action routes (Checkout and Customer Portal sessions).
+#[derive(Debug, Clone)]
+pub struct BillingActionsConfig {
+    /// The Stripe API; without `STRIPE_SECRET_KEY` the routes answer `503 not_configured`.
+    pub stripe: StripeApiConfig,
+    /// What Checkout sells: the first key of `STRIPE_BASIC_PRICE_KEY` and of
+    /// `STRIPE_PREMIUM_PRICE_KEY` (a price id or lookup key; required with the key), and
+    /// `STRIPE_LIFETIME_PRICE_KEY` (optional).
+    pub prices: Option<CheckoutPrices>,
+    /// `BILLING_ACTIONS_CONCURRENCY`, default 8: actions in flight; beyond, `503`.
+    pub concurrency: usize,
+    /// `BILLING_ACTIONS_TIMEOUT_MS`, default 15000: an action's deadline, Stripe's answers
+    /// and retries included; beyond, `503`.
+    pub timeout: Duration,
+}
+
+impl BillingActionsConfig {
+    /// Reads the Stripe API settings, the prices, `BILLING_ACTIONS_CONCURRENCY` and
+    /// `BILLING_ACTIONS_TIMEOUT_MS`.
+    pub fn load(source: &Source) -> Result<BillingActionsConfig, ConfigError> {
+        let stripe = StripeApiConfig::load(source)?;
+        let sold = |name: &'static str| -> Result<String, ConfigError> {
+            let first = source.keys(name)?.remove(0);
+            if first.starts_with("prod_") {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: "its first key is the price Checkout sells: a price id or lookup                              key, not a product"
+                        .into(),
+                });
+            }
+            Ok(first)
+        };
+        let prices = match stripe.secret_key {
+            Some(_) => Some(CheckoutPrices {
+                basic: sold("STRIPE_BASIC_PRICE_KEY")?,
+                premium: sold("STRIPE_PREMIUM_PRICE_KEY")?,
+                lifetime: source
+                    .get("STRIPE_LIFETIME_PRICE_KEY")
+                    .map(|k| k.trim().to_owned()),
+            }),
+            None => None,
+        };
+        Ok(BillingActionsConfig {
+            stripe,
+            prices,
+            concurrency: source.positive("BILLING_ACTIONS_CONCURRENCY", 8)? as usize,
+            timeout: source.millis("BILLING_ACTIONS_TIMEOUT_MS", 15_000)?,
         })
     }
 }

@@ -238,6 +238,28 @@ pub async fn governed_by_subscriptions<'e>(
     .await
 }
 
+/// Links the customer to the organization unless it has one already; returns the
+/// organization's customer either way. Take the customer's link lock first
+/// ([`lock_customer_links`]), as every linking transaction does.
+pub async fn link_customer<'e>(
+    db: impl PgExecutor<'e>,
+    organization_id: &str,
+    customer_id: &str,
+) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH linked AS (
+             UPDATE organizations SET stripe_customer_id = $2, updated_at = now()
+             WHERE id = $1 AND stripe_customer_id IS NULL
+             RETURNING stripe_customer_id)
+         SELECT coalesce((SELECT stripe_customer_id FROM linked),
+                         (SELECT stripe_customer_id FROM organizations WHERE id = $1))",
+    )
+    .bind(organization_id)
+    .bind(customer_id)
+    .fetch_one(db)
+    .await
+}
+
 /// The id of the organization linked to a Stripe customer, if any.
 pub async fn owner_of_customer<'e>(
     db: impl PgExecutor<'e>,

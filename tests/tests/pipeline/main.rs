@@ -315,6 +315,7 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
     assert!(status.success(), "ingest exit status {status}");
 }
 
+mod billing_actions;
 mod enterprise;
 mod hardening;
 mod load;
