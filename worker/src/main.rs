@@ -238,9 +238,10 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
     let pool = shared::db::connect(&config.database, shared::db::Planning::PerRun)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
-    let redis = shared::queue::connect(&config.queue)
+    let mut redis = shared::queue::connect(&config.queue)
         .await
         .context("connecting to Redis (REDIS_URL)")?;
+    check_eviction_policy(&mut redis, config.redis_allow_eviction).await?;
     let stripe = match &config.stripe.secret_key {
         Some(key) => Some(
             StripeClient::new(
@@ -287,6 +288,30 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
     })
 }
 
+/// Refuses an evicting Redis unless allowed: evicted job data stops apalis' consumers (the
+/// promoter drops such ids, but only a policy that never evicts keeps every job).
+async fn check_eviction_policy(
+    redis: &mut apalis_redis::ConnectionManager,
+    allowed: bool,
+) -> anyhow::Result<()> {
+    use shared::queue::{EVICTION_FIX, EvictionPolicy};
+    match shared::queue::eviction_policy(redis).await {
+        EvictionPolicy::Keeps(_) => Ok(()),
+        EvictionPolicy::Evicts(policy) if allowed => {
+            tracing::warn!(%policy, "Redis may evict queued jobs; starting anyway (REDIS_ALLOW_EVICTION=true)");
+            Ok(())
+        }
+        EvictionPolicy::Evicts(policy) => anyhow::bail!(
+            "Redis' maxmemory-policy is {policy}: under memory pressure it deletes queued jobs' \
+             data and stops the consumers; {EVICTION_FIX}"
+        ),
+        EvictionPolicy::Unknown(reason) => {
+            tracing::warn!(%reason, "cannot read Redis' maxmemory-policy (CONFIG disabled?); make sure it is noeviction");
+            Ok(())
+        }
+    }
+}
+
 async fn run() -> anyhow::Result<()> {
     let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
     shared::telemetry::init(config.log_format);
@@ -298,6 +323,13 @@ async fn run() -> anyhow::Result<()> {
         email_queue,
         reconciler,
     } = resources(&config).await?;
+    shared::metrics::register_worker(
+        &[deps.queue.name().to_owned(), email_queue.name().to_owned()],
+        reconciler.is_some(),
+    );
+    if let Some(reconciler) = &reconciler {
+        reconciliation::publish_last_success(&reconciler.pool).await;
+    }
     let schedule = tokio::spawn(worker::reconcile::schedule::run(
         reconciler,
         config.reconcile.clone(),
