@@ -318,8 +318,10 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
 mod enterprise;
 mod hardening;
 mod load;
+mod metrics;
 mod operators;
 mod ordering;
 mod reconcile;
 mod recovery;
+mod redis_eviction;
 mod subscriptions;
