@@ -15,10 +15,10 @@ async fn main() -> anyhow::Result<()> {
     shared::telemetry::init(config.log_format);
     let stop = shared::shutdown::Stop::on_signal();
     let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
+    shared::metrics::register_ingest();
     let pool = shared::db::connect(&config.database, shared::db::Planning::Cached)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
-    shared::metrics::register_ingest();
     let mut redis = shared::queue::connect(&config.queue)
         .await
         .context("connecting to Redis (REDIS_URL)")?;

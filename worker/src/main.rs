@@ -317,16 +317,23 @@ async fn run() -> anyhow::Result<()> {
     shared::telemetry::init(config.log_format);
     let stop = Stop::on_signal();
     let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
+    {
+        use shared::queue::{ApplyEventV1, Job, SendEmailV1};
+        let prefix = &config.queue.prefix;
+        shared::metrics::register_worker(
+            &[
+                ApplyEventV1::queue_name(prefix),
+                SendEmailV1::queue_name(prefix),
+            ],
+            config.stripe.secret_key.is_some(),
+        );
+    }
     let Resources {
         events: deps,
         emails: email_deps,
         email_queue,
         reconciler,
     } = resources(&config).await?;
-    shared::metrics::register_worker(
-        &[deps.queue.name().to_owned(), email_queue.name().to_owned()],
-        reconciler.is_some(),
-    );
     if let Some(reconciler) = &reconciler {
         reconciliation::publish_last_success(&reconciler.pool).await;
     }
