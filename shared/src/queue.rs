@@ -627,7 +627,11 @@ mod tests {
                 .expect("job of the event")]
             .clone()
         };
-        let (kept, no_data, no_meta) = (id_of("evt_kept"), id_of("evt_no_data"), id_of("evt_no_meta"));
+        let (kept, no_data, no_meta) = (
+            id_of("evt_kept"),
+            id_of("evt_no_data"),
+            id_of("evt_no_meta"),
+        );
         // One id in the active list too, as orphan recovery would put it back, with no data.
         redis::pipe()
             .cmd("HDEL")
@@ -661,7 +665,11 @@ mod tests {
             .query_async(&mut c)
             .await
             .expect("leftovers");
-        assert_eq!(leftovers, (false, false), "what was left of them is deleted");
+        assert_eq!(
+            leftovers,
+            (false, false),
+            "what was left of them is deleted"
+        );
         delete_keys(&mut c, &prefix).await;
     }
 

@@ -24,7 +24,9 @@ fn used_expressions() -> Vec<(String, String)> {
         .map(|expr| ("alerts.yml".to_owned(), expr.trim().to_owned()))
         .collect();
     assert!(
-        found.iter().all(|(_, e)| !e.is_empty() && e != "|" && e != ">"),
+        found
+            .iter()
+            .all(|(_, e)| !e.is_empty() && e != "|" && e != ">"),
         "alerts.yml: write each expr on one line, or teach this test block scalars"
     );
     let dashboard: serde_json::Value = serde_json::from_str(
@@ -101,7 +103,10 @@ async fn scrape(url: &str) -> BTreeMap<String, BTreeSet<String>> {
         .await
         .expect("body");
     let mut series: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let head = line.rsplit_once(' ').map_or(line, |(head, _)| head);
         let (name, labels) = match head.split_once('{') {
             Some((name, labels)) => (name, labels.trim_end_matches('}')),

@@ -49,15 +49,20 @@ async fn a_queued_job_whose_data_redis_lost_is_dropped_and_its_event_still_appli
 
     p.start_worker();
     for event in [&kept, &lost] {
-        let decisions = p
-            .wait_for_decision(event["id"].as_str().expect("id"))
-            .await;
+        let decisions = p.wait_for_decision(event["id"].as_str().expect("id")).await;
         assert_eq!(decisions, ["applied"], "{}", event["id"]);
     }
     let worker = p.worker.as_mut().expect("worker");
-    assert!(worker.exited().is_none(), "the worker stopped: {}", worker.log.display());
+    assert!(
+        worker.exited().is_none(),
+        "the worker stopped: {}",
+        worker.log.display()
+    );
     let log = std::fs::read_to_string(&worker.log).expect("log");
-    assert!(log.contains("dropped queued job ids whose data Redis lost"), "{log}");
+    assert!(
+        log.contains("dropped queued job ids whose data Redis lost"),
+        "{log}"
+    );
     let metrics = reqwest::get(&p.worker_metrics_url)
         .await
         .expect("scrape")
@@ -65,9 +70,11 @@ async fn a_queued_job_whose_data_redis_lost_is_dropped_and_its_event_still_appli
         .await
         .expect("body");
     assert!(
-        metrics.lines().any(|l| l.starts_with("billing_queue_jobs_dropped_total")
-            && l.contains(":apply-event-v1")
-            && l.ends_with(" 2")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("billing_queue_jobs_dropped_total")
+                && l.contains(":apply-event-v1")
+                && l.ends_with(" 2")),
         "{metrics}"
     );
 }
@@ -82,7 +89,14 @@ impl PrivateRedis {
     async fn start(policy: &str) -> PrivateRedis {
         let port = free_port();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "no", "--maxmemory-policy", policy])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -117,7 +131,10 @@ async fn the_worker_refuses_an_evicting_redis_unless_allowed_and_ingest_only_war
         "{stderr}"
     );
     let ingest_log = std::fs::read_to_string(&p.ingest.log).expect("log");
-    assert!(ingest_log.contains("maxmemory-policy may delete queued jobs"), "{ingest_log}");
+    assert!(
+        ingest_log.contains("maxmemory-policy may delete queued jobs"),
+        "{ingest_log}"
+    );
 
     let mut p = p;
     p.start_worker_with(&[("REDIS_ALLOW_EVICTION", "true")]);
