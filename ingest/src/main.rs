@@ -15,12 +15,26 @@ async fn main() -> anyhow::Result<()> {
     shared::telemetry::init(config.log_format);
     let stop = shared::shutdown::Stop::on_signal();
     let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
+    shared::metrics::register_ingest();
     let pool = shared::db::connect(&config.database, shared::db::Planning::Cached)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
-    let redis = shared::queue::connect(&config.queue)
+    let mut redis = shared::queue::connect(&config.queue)
         .await
         .context("connecting to Redis (REDIS_URL)")?;
+    // Only a warning here: ingest's jobs are safe in Postgres; the worker refuses to start.
+    match shared::queue::eviction_policy(&mut redis).await {
+        shared::queue::EvictionPolicy::Keeps(_) => {}
+        shared::queue::EvictionPolicy::Evicts(policy) => tracing::warn!(
+            %policy,
+            "Redis' maxmemory-policy may delete queued jobs; {}",
+            shared::queue::EVICTION_FIX
+        ),
+        shared::queue::EvictionPolicy::Unknown(reason) => tracing::warn!(
+            %reason,
+            "cannot read Redis' maxmemory-policy (CONFIG disabled?); make sure it is noeviction"
+        ),
+    }
     let (batcher, batcher_task) = ingest::batcher::Batcher::start(
         pool.clone(),
         shared::queue::EventQueue::new(redis.clone(), &config.queue.prefix),

@@ -415,6 +415,9 @@ pub struct WorkerConfig {
     pub email: EmailConfig,
     /// `LOG_FORMAT`, `text` (default) or `json`.
     pub log_format: LogFormat,
+    /// `REDIS_ALLOW_EVICTION` (`true`/`false`, default false): start even though Redis'
+    /// `maxmemory-policy` may delete keys (see `queue::EvictionPolicy`).
+    pub redis_allow_eviction: bool,
 }
 
 /// Sending emails through Resend.
@@ -473,6 +476,7 @@ impl WorkerConfig {
             sweep_grace: source.millis("SWEEP_GRACE_MS", 120_000)?,
             email: EmailConfig::load(source)?,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
+            redis_allow_eviction: source.parsed("REDIS_ALLOW_EVICTION", false)?,
         })
     }
 }

@@ -162,7 +162,15 @@ fn member_count(value: Option<&Value>) -> Result<i32, FieldError> {
             ));
         }
     };
-    match number.as_i64() {
+    // `250.0` is a whole number too (JSON Schema's `integer`, and how some encoders write
+    // every number).
+    let whole = number.as_i64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() <= 1e15)
+            .map(|f| f as i64)
+    });
+    match whole {
         Some(n) if (1..=MAX_MEMBER_COUNT).contains(&n) => {
             i32::try_from(n).map_err(|_| FieldError::new(FIELD, range()))
         }
@@ -381,6 +389,12 @@ mod tests {
             let input = parse(&with("member_count", json!(count))).expect("valid");
             assert_eq!(i64::from(input.member_count), count);
         }
+        let input = parse(&with("member_count", json!(250.0))).expect("250.0 is whole");
+        assert_eq!(input.member_count, 250);
+        assert_eq!(
+            field_error(&with("member_count", json!(2e9))),
+            ("member_count", "must be between 1 and 1000000".into())
+        );
     }
 
     #[test]

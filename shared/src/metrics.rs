@@ -1,31 +1,37 @@
 //! Metrics: every name is defined here, under the `billing_` namespace, and served in the
 //! Prometheus text format on its own listener (`METRICS_ADDR`), away from Stripe's traffic.
+//!
+//! Every counter and gauge a binary emits is registered at 0 when it starts ([`register_ingest`],
+//! [`register_worker`]), with each label value it can take (the lists below), so an alert's
+//! `rate()` sees the first failure and a dashboard panel shows 0, not "No data". Histograms
+//! appear at their first observation (an empty one would claim buckets of nothing); the e2e
+//! test `metrics` drives the traffic that produces each one the dashboard uses. A label value
+//! added at an increment site belongs in its list here too: that test fails on a value it did
+//! not see at start.
 
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Webhook requests by outcome (`stored`, `duplicate`, `bad_signature`, `bad_payload`,
-/// `too_large`, `store_failed`).
+/// Webhook requests by `outcome` ([`WEBHOOK_OUTCOMES`]).
 pub const WEBHOOKS_RECEIVED: &str = "billing_webhooks_received_total";
 /// Jobs ingest could not push after committing their row, an event or an outbox email (the
 /// sweeper will).
 pub const ENQUEUE_FAILURES: &str = "billing_enqueue_failures_total";
-/// Enterprise plan requests by outcome (`created`, `repeated`, `invalid`, `conflict`,
-/// `store_failed`).
+/// Enterprise plan requests by `outcome` ([`ENTERPRISE_OUTCOMES`]).
 pub const ENTERPRISE_REQUESTS: &str = "billing_enterprise_requests_total";
-/// Outbox emails handled by the worker, by `outcome` (`sent`, `already_done`, `not_due`,
-/// `retry_scheduled`, `dead`, `failed`).
+/// Outbox emails handled by the worker, by `outcome` ([`EMAIL_OUTCOMES`]).
 pub const EMAILS: &str = "billing_emails_total";
 /// Subscription snapshots with prices but none mapped to a plan (`STRIPE_*_PRICE_KEY`): the
 /// subscription's plan is stored null, its price ids are kept.
 pub const UNMAPPED_PRICES: &str = "billing_unmapped_price_events_total";
-/// Stripe API requests by `outcome` (`ok`, `rate_limited`, `server_error`, `client_error`,
-/// `transport`), each attempt counted.
+/// Stripe API requests by `outcome` ([`STRIPE_API_OUTCOMES`]), each attempt counted.
 pub const STRIPE_API_REQUESTS: &str = "billing_stripe_api_requests_total";
-/// Stripe's 429s by `reason` (`Stripe-Rate-Limited-Reason`; `lock_timeout` without one).
+/// Stripe's 429s by `reason` (`Stripe-Rate-Limited-Reason`; `lock_timeout` without one;
+/// registered with [`STRIPE_RATE_LIMIT_REASONS`], and any other reason Stripe names appears
+/// when it does).
 pub const STRIPE_API_RATE_LIMITED: &str = "billing_stripe_api_rate_limited_total";
-/// Reconciliation runs by `status` (`succeeded`, `failed`).
+/// Reconciliation runs by `status` ([`RECONCILE_STATUSES`]).
 pub const RECONCILE_RUNS: &str = "billing_reconcile_runs_total";
 /// Time a reconciliation run took.
 pub const RECONCILE_DURATION: &str = "billing_reconcile_duration_seconds";
@@ -35,7 +41,8 @@ pub const RECONCILE_LAST_DRIFTED: &str = "billing_reconcile_last_drifted";
 pub const RECONCILE_LAST_HEALED: &str = "billing_reconcile_last_healed";
 /// Organizations pointing at a subscription Stripe does not know, in that run.
 pub const RECONCILE_LAST_ORPHANS: &str = "billing_reconcile_last_orphans";
-/// Unix time the newest successful run finished (read from Postgres at start).
+/// Unix time the newest successful run finished (read from Postgres at start; 0 when there
+/// never was one, so `BillingReconciliationStale` fires instead of seeing nothing).
 pub const RECONCILE_LAST_SUCCESS: &str = "billing_reconcile_last_success_timestamp_seconds";
 /// Events stored by backfills.
 pub const EVENTS_BACKFILLED: &str = "billing_events_backfilled_total";
@@ -47,26 +54,144 @@ pub const BILLING_ACTIONS: &str = "billing_actions_total";
 pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.
 pub const WEBHOOK_DURATION: &str = "billing_webhook_duration_seconds";
-/// Events decided by the worker, by `decision`.
+/// Events decided by the worker, by `decision` ([`EVENT_DECISIONS`]).
 pub const EVENTS_DECIDED: &str = "billing_events_decided_total";
-/// Failed apply attempts, by `kind` (`transient`, `permanent`).
+/// Failed apply attempts, by `kind` ([`FAILURE_KINDS`]).
 pub const EVENT_FAILURES: &str = "billing_event_failures_total";
 /// Events that became dead letters.
 pub const DEAD_LETTERS: &str = "billing_dead_letters_total";
-/// Inbox rows by `status` (`pending`, `deferred`, `dead`), refreshed by the sweeper.
+/// Inbox rows by `status` ([`INBOX_STATUSES`]), refreshed by the sweeper.
 pub const INBOX_EVENTS: &str = "billing_inbox_events";
-/// Outbox emails by `status` (`pending`, `dead`), refreshed by the sweeper.
+/// Outbox emails by `status` ([`OUTBOX_STATUSES`]), refreshed by the sweeper.
 pub const OUTBOX_EMAILS: &str = "billing_outbox_emails";
 /// Jobs waiting in Redis, by `queue`, refreshed by the sweeper.
 pub const QUEUE_DEPTH: &str = "billing_queue_depth";
 /// Jobs the sweeper enqueued again (lost, or due after a failure or deferral).
 pub const SWEPT: &str = "billing_swept_total";
+/// Job ids the promoter dropped from a queue, by `queue`, because Redis had lost their data
+/// (an evicting `maxmemory-policy`); the sweeper enqueues their rows again.
+pub const JOBS_DROPPED: &str = "billing_queue_jobs_dropped_total";
 /// Time of one apply transaction (a batch of events; see `APPLY_BATCH_SIZE`).
 pub const APPLY_DURATION: &str = "billing_apply_transaction_duration_seconds";
 /// Events per apply transaction.
 pub const APPLY_BATCH_EVENTS: &str = "billing_apply_batch_events";
 /// From ingest's commit to the worker's commit of the decision.
 pub const EVENT_LAG: &str = "billing_event_lag_seconds";
+
+/// `outcome` values of [`WEBHOOKS_RECEIVED`] (the route's and the body layer's).
+pub const WEBHOOK_OUTCOMES: &[&str] = &[
+    "stored",
+    "duplicate",
+    "bad_signature",
+    "bad_payload",
+    "bad_request",
+    "too_large",
+    "body_timeout",
+    "overloaded",
+    "store_failed",
+];
+/// `outcome` values of [`ENTERPRISE_REQUESTS`].
+pub const ENTERPRISE_OUTCOMES: &[&str] =
+    &["created", "repeated", "invalid", "conflict", "store_failed"];
+/// `outcome` values of [`EMAILS`].
+pub const EMAIL_OUTCOMES: &[&str] = &[
+    "sent",
+    "already_done",
+    "not_due",
+    "retry_scheduled",
+    "dead",
+    "failed",
+];
+/// `decision` values of [`EVENTS_DECIDED`] (`billing_audit` decisions a job can end in).
+pub const EVENT_DECISIONS: &[&str] = &[
+    "applied",
+    "stale",
+    "tie",
+    "refetched",
+    "deferred",
+    "ignored",
+    "duplicate",
+    "dead",
+];
+/// `kind` values of [`EVENT_FAILURES`].
+pub const FAILURE_KINDS: &[&str] = &["transient", "permanent"];
+/// `status` values of [`INBOX_EVENTS`].
+pub const INBOX_STATUSES: &[&str] = &["pending", "deferred", "dead"];
+/// `status` values of [`OUTBOX_EMAILS`].
+pub const OUTBOX_STATUSES: &[&str] = &["pending", "dead"];
+/// `outcome` values of [`STRIPE_API_REQUESTS`].
+pub const STRIPE_API_OUTCOMES: &[&str] = &[
+    "ok",
+    "rate_limited",
+    "server_error",
+    "client_error",
+    "transport",
+];
+/// The `reason` values of [`STRIPE_API_RATE_LIMITED`] Stripe documents, and ours.
+pub const STRIPE_RATE_LIMIT_REASONS: &[&str] = &[
+    "global-rate",
+    "global-concurrency",
+    "endpoint-rate",
+    "endpoint-concurrency",
+    "resource-specific",
+    "lock_timeout",
+];
+/// `status` values of [`RECONCILE_RUNS`].
+pub const RECONCILE_STATUSES: &[&str] = &["succeeded", "failed"];
+
+fn counters_at_zero(name: &'static str, label: &'static str, values: &[&'static str]) {
+    for &value in values {
+        metrics::counter!(name, label => value).increment(0);
+    }
+}
+
+fn gauges_at_zero(name: &'static str, label: &'static str, values: &[String]) {
+    for value in values {
+        metrics::gauge!(name, label => value.clone()).set(0.0);
+    }
+}
+
+/// Registers, at 0, every counter ingest emits, with each label value. Call once at start,
+/// after [`start`].
+pub fn register_ingest() {
+    counters_at_zero(WEBHOOKS_RECEIVED, "outcome", WEBHOOK_OUTCOMES);
+    counters_at_zero(ENTERPRISE_REQUESTS, "outcome", ENTERPRISE_OUTCOMES);
+    metrics::counter!(ENQUEUE_FAILURES).increment(0);
+}
+
+/// Registers, at 0, every counter and gauge `worker run` emits, with each label value: the
+/// queue gauges for `queues` (their names), and, when the worker has a Stripe key
+/// (`stripe_api`), the Stripe API and reconciliation ones. The gauges then hold 0 until the
+/// sweeper's first round (at once) or a reconciliation sets them. Call once at start, after
+/// [`start`] and before anything that sets them.
+pub fn register_worker(queues: &[String], stripe_api: bool) {
+    counters_at_zero(EVENTS_DECIDED, "decision", EVENT_DECISIONS);
+    counters_at_zero(EVENT_FAILURES, "kind", FAILURE_KINDS);
+    counters_at_zero(EMAILS, "outcome", EMAIL_OUTCOMES);
+    for counter in [DEAD_LETTERS, SWEPT, UNMAPPED_PRICES, EVENTS_BACKFILLED] {
+        metrics::counter!(counter).increment(0);
+    }
+    for queue in queues {
+        metrics::counter!(JOBS_DROPPED, "queue" => queue.clone()).increment(0);
+    }
+    let owned = |values: &[&str]| values.iter().map(|v| (*v).to_owned()).collect::<Vec<_>>();
+    gauges_at_zero(INBOX_EVENTS, "status", &owned(INBOX_STATUSES));
+    gauges_at_zero(OUTBOX_EMAILS, "status", &owned(OUTBOX_STATUSES));
+    gauges_at_zero(QUEUE_DEPTH, "queue", queues);
+    if stripe_api {
+        counters_at_zero(STRIPE_API_REQUESTS, "outcome", STRIPE_API_OUTCOMES);
+        counters_at_zero(STRIPE_API_RATE_LIMITED, "reason", STRIPE_RATE_LIMIT_REASONS);
+        counters_at_zero(RECONCILE_RUNS, "status", RECONCILE_STATUSES);
+        for gauge in [
+            RECONCILE_LAST_DRIFTED,
+            RECONCILE_LAST_HEALED,
+            RECONCILE_LAST_ORPHANS,
+            RECONCILE_LAST_SUCCESS,
+        ] {
+            metrics::gauge!(gauge).set(0.0);
+        }
+    }
+}
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -94,6 +94,45 @@ pub async fn ping(conn: &mut ConnectionManager) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// Redis' `maxmemory-policy`, as it matters to the queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvictionPolicy {
+    /// A policy that never deletes keys (`noeviction`): a full Redis refuses writes instead.
+    Keeps(String),
+    /// `allkeys-*` or `volatile-*`: when Redis is full it deletes keys, and a job's data can
+    /// vanish while its id stays queued (see [`PROMOTE_DUE`]). `volatile-*` deletes only keys
+    /// with a TTL, which apalis' job keys lack today; it is refused too, since nothing here
+    /// decides which keys get one.
+    Evicts(String),
+    /// Not known: `CONFIG GET` was refused (managed Redis providers often disable `CONFIG`)
+    /// or answered nothing; the reason.
+    Unknown(String),
+}
+
+/// How to fix an evicting policy, for the messages that name one.
+pub const EVICTION_FIX: &str = "set maxmemory-policy to noeviction (redis.conf, \
+    `CONFIG SET maxmemory-policy noeviction`, or the provider's parameter group); \
+    REDIS_ALLOW_EVICTION=true starts the worker anyway";
+
+/// Reads `maxmemory-policy` (`CONFIG GET`).
+pub async fn eviction_policy(conn: &mut ConnectionManager) -> EvictionPolicy {
+    let answer = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async::<Vec<String>>(conn)
+        .await;
+    match answer {
+        Err(e) => EvictionPolicy::Unknown(e.to_string()),
+        Ok(pair) => match pair.get(1) {
+            None => EvictionPolicy::Unknown("CONFIG GET maxmemory-policy answered nothing".into()),
+            Some(policy) if policy.starts_with("allkeys-") || policy.starts_with("volatile-") => {
+                EvictionPolicy::Evicts(policy.clone())
+            }
+            Some(policy) => EvictionPolicy::Keeps(policy.clone()),
+        },
+    }
+}
+
 /// The apalis storage configuration of a queue, the same on both sides.
 /// No pub/sub events: workers poll (`poll_with_interval`), and nobody listens. A fetch takes
 /// up to 32 jobs: enough to fill a group-apply batch in one round trip (10, apalis' default,
@@ -153,32 +192,69 @@ const ACTIVE_TARGET: u64 = 1000;
 /// Jobs moved per call of [`PROMOTE_DUE`], far below Lua's `unpack` limit.
 const PROMOTE_CHUNK: u64 = 1000;
 
-/// KEYS: the scheduled set, the active list, the signal list. ARGV: chunk, active target,
-/// parked score. Moves up to a chunk of due jobs (apalis' own retries, or jobs pushed by an
-/// older version) whatever the list's length, then parked jobs while the list is shorter than
-/// the target, and raises the signal as apalis' fetch does. Returns {due moved, parked moved}.
+/// Ids at the head of the `active` list [`PROMOTE_DUE`] checks on every call.
+const HEAD_CHECKED: u64 = 128;
+
+/// KEYS: the scheduled set, the active list, the signal list, the job data hash, the job
+/// metadata prefix. ARGV: chunk, active target, parked score, head to check. Moves up to a
+/// chunk of due jobs (apalis' own retries, or jobs pushed by an older version) whatever the
+/// list's length, then parked jobs while the list is shorter than the target, and raises the
+/// signal as apalis' fetch does. Returns {due taken, parked taken, ids dropped}.
+///
+/// Ids whose data or metadata is gone are dropped instead of moved, and so are such ids at the
+/// head of the `active` list (the next ones a consumer fetches; orphan recovery puts ids back
+/// there too). Redis loses a job's data under its id when an evicting `maxmemory-policy`
+/// deletes the data hash or a metadata key (the binaries check the policy at start, but a
+/// provider can change it), or when someone deletes keys by hand. apalis-redis 1.0 fetches a
+/// batch of ids with `HMGET` and fails the whole fetch on a nil: the worker stops, its ids go
+/// back to `active` through orphan recovery and stop the next worker, in a loop. A dropped id
+/// loses nothing: its row is still pending in Postgres, and the sweeper enqueues it again once
+/// `SWEEP_GRACE_MS` has passed. What this cannot cover: data lost between this check and a
+/// fetch (then the worker exits non-zero, and after its restart this check meets the id again).
 const PROMOTE_DUE: &str = r#"
+local dropped = {}
+local function intact(id)
+    return redis.call('HEXISTS', KEYS[4], id) == 1
+        and redis.call('EXISTS', KEYS[5] .. ':' .. id) == 1
+end
+local function forget(id)
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('DEL', KEYS[5] .. ':' .. id)
+    table.insert(dropped, id)
+end
 local function move(ids)
+    local kept = {}
+    for _, id in ipairs(ids) do
+        if intact(id) then table.insert(kept, id) else forget(id) end
+    end
     if #ids > 0 then
-        redis.call('RPUSH', KEYS[2], unpack(ids))
         redis.call('ZREM', KEYS[1], unpack(ids))
     end
-    return #ids
+    if #kept > 0 then
+        redis.call('RPUSH', KEYS[2], unpack(kept))
+    end
+    return #ids, #kept
+end
+for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[4]) - 1)) do
+    if not intact(id) then
+        redis.call('LREM', KEYS[2], 0, id)
+        forget(id)
+    end
 end
 local chunk = tonumber(ARGV[1])
 local now = redis.call('TIME')[1]
-local due = move(redis.call('ZRANGEBYSCORE', KEYS[1], 0, now, 'LIMIT', 0, chunk))
+local due, due_kept = move(redis.call('ZRANGEBYSCORE', KEYS[1], 0, now, 'LIMIT', 0, chunk))
 local room = tonumber(ARGV[2]) - redis.call('LLEN', KEYS[2])
-local parked = 0
+local parked, parked_kept = 0, 0
 if room > 0 then
-    parked = move(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], ARGV[3], 'LIMIT', 0,
-                             math.min(room, chunk)))
+    parked, parked_kept = move(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], ARGV[3], 'LIMIT',
+                                          0, math.min(room, chunk)))
 end
-if due + parked > 0 then
+if due_kept + parked_kept > 0 then
     redis.call('DEL', KEYS[3])
     redis.call('LPUSH', KEYS[3], 1)
 end
-return {due, parked}
+return {due, parked, dropped}
 "#;
 
 impl Housekeeping {
@@ -191,21 +267,37 @@ impl Housekeeping {
     }
 
     /// Moves jobs from the `scheduled` set to the `active` list (see [`PARKED_AT`]): every due
-    /// job, a chunk at a time, then parked ones up to [`ACTIVE_TARGET`]. Returns how many moved.
+    /// job, a chunk at a time, then parked ones up to [`ACTIVE_TARGET`]; drops the ids whose
+    /// data Redis lost (see [`PROMOTE_DUE`]), logging and counting them. Returns how many were
+    /// taken from the `scheduled` set.
     async fn promote_due(&self) -> Result<u64, QueueError> {
         let script = redis::Script::new(PROMOTE_DUE);
         let mut conn = self.conn.clone();
         let mut moved = 0;
         loop {
-            let (due, parked): (u64, u64) = script
+            let (due, parked, dropped): (u64, u64, Vec<String>) = script
                 .key(self.config.scheduled_jobs_set())
                 .key(self.config.active_jobs_list())
                 .key(self.config.signal_list())
+                .key(self.config.job_data_hash())
+                .key(self.config.job_meta_hash())
                 .arg(PROMOTE_CHUNK)
                 .arg(ACTIVE_TARGET)
                 .arg(PARKED_AT)
+                .arg(HEAD_CHECKED)
                 .invoke_async(&mut conn)
                 .await?;
+            if !dropped.is_empty() {
+                metrics::counter!(crate::metrics::JOBS_DROPPED, "queue" => self.name.clone())
+                    .increment(dropped.len() as u64);
+                tracing::warn!(
+                    queue = %self.name,
+                    count = dropped.len(),
+                    task_ids = %dropped.join(","),
+                    "dropped queued job ids whose data Redis lost (evicted or deleted); \
+                     the sweeper enqueues their rows again after SWEEP_GRACE_MS"
+                );
+            }
             moved += due + parked;
             if due < PROMOTE_CHUNK {
                 return Ok(moved);
@@ -448,10 +540,19 @@ mod tests {
         // `unpack` takes at once.
         let mut due = redis::pipe();
         for n in 0..9_000 {
+            let id = format!("due_{n}");
             due.cmd("ZADD")
                 .arg(keys.scheduled_jobs_set())
                 .arg(1)
-                .arg(format!("due_{n}"));
+                .arg(&id)
+                .cmd("HSET")
+                .arg(keys.job_data_hash())
+                .arg(&id)
+                .arg("{}")
+                .cmd("HSET")
+                .arg(format!("{}:{id}", keys.job_meta_hash()))
+                .arg("attempts")
+                .arg(0);
         }
         due.query_async::<()>(&mut c).await.expect("due jobs");
         let lengths = async |c: &mut ConnectionManager| -> (u64, u64) {
@@ -492,6 +593,82 @@ mod tests {
             queue.promote_due().await.expect("promote"),
             0,
             "the list is full"
+        );
+        delete_keys(&mut c, &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn ids_whose_data_redis_lost_are_dropped_instead_of_reaching_a_consumer() {
+        let (prefix, conn, queue) = fresh_queue().await;
+        queue
+            .push(&["evt_kept", "evt_no_data", "evt_no_meta"])
+            .await
+            .expect("push");
+        let keys = &queue.housekeeping.config;
+        let mut c = conn.clone();
+        let parked: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys.scheduled_jobs_set())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .expect("ids");
+        assert_eq!(parked.len(), 3);
+        let data: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(keys.job_data_hash())
+            .arg(&parked)
+            .query_async(&mut c)
+            .await
+            .expect("data");
+        let id_of = |event: &str| {
+            parked[data
+                .iter()
+                .position(|d| d.as_deref().is_some_and(|d| d.contains(event)))
+                .expect("job of the event")]
+            .clone()
+        };
+        let (kept, no_data, no_meta) = (
+            id_of("evt_kept"),
+            id_of("evt_no_data"),
+            id_of("evt_no_meta"),
+        );
+        // One id in the active list too, as orphan recovery would put it back, with no data.
+        redis::pipe()
+            .cmd("HDEL")
+            .arg(keys.job_data_hash())
+            .arg(&no_data)
+            .cmd("DEL")
+            .arg(format!("{}:{no_meta}", keys.job_meta_hash()))
+            .cmd("RPUSH")
+            .arg(keys.active_jobs_list())
+            .arg("01ORPHANWITHOUTDATA")
+            .query_async::<()>(&mut c)
+            .await
+            .expect("lose data");
+
+        queue.promote_due().await.expect("promote");
+        let active: Vec<String> = redis::cmd("LRANGE")
+            .arg(keys.active_jobs_list())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .expect("active");
+        assert_eq!(active, [kept]);
+        assert_eq!(queue.depth().await.expect("depth"), 1);
+        let leftovers: (bool, bool) = redis::pipe()
+            .cmd("HEXISTS")
+            .arg(keys.job_data_hash())
+            .arg(&no_meta)
+            .cmd("EXISTS")
+            .arg(format!("{}:{no_data}", keys.job_meta_hash()))
+            .query_async(&mut c)
+            .await
+            .expect("leftovers");
+        assert_eq!(
+            leftovers,
+            (false, false),
+            "what was left of them is deleted"
         );
         delete_keys(&mut c, &prefix).await;
     }

@@ -497,6 +497,8 @@ pub struct Pipeline {
     pub worker: Option<Process>,
     /// The Prometheus endpoint of the worker last started.
     pub worker_metrics_url: String,
+    /// The Prometheus endpoint of ingest.
+    pub ingest_metrics_url: String,
     /// Client of the ingest API.
     pub client: IngestClient,
     env: Vec<(String, String)>,
@@ -528,7 +530,8 @@ impl Pipeline {
         let mut ingest_env = env.clone();
         ingest_env.extend(ingest_only(&db));
         ingest_env.push(("INGEST_ADDR".into(), format!("127.0.0.1:{port}")));
-        ingest_env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{}", free_port())));
+        let ingest_metrics_addr = format!("127.0.0.1:{}", free_port());
+        ingest_env.push(("METRICS_ADDR".into(), ingest_metrics_addr.clone()));
         let mut ingest = Process::start(
             "ingest",
             &[],
@@ -555,6 +558,7 @@ impl Pipeline {
             ingest,
             worker: None,
             worker_metrics_url: String::new(),
+            ingest_metrics_url: format!("http://{ingest_metrics_addr}/metrics"),
             client,
             env,
         }
@@ -660,7 +664,13 @@ impl Pipeline {
 
     /// Starts a (new) worker process.
     pub fn start_worker(&mut self) {
+        self.start_worker_with(&[]);
+    }
+
+    /// Starts a (new) worker process with some variables added or changed.
+    pub fn start_worker_with(&mut self, extra: &[(&str, &str)]) {
         let mut env = self.env.clone();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         self.worker_metrics_url = format!("http://{metrics_addr}/metrics");
         env.push(("METRICS_ADDR".into(), metrics_addr));

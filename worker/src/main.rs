@@ -238,9 +238,10 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
     let pool = shared::db::connect(&config.database, shared::db::Planning::PerRun)
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
-    let redis = shared::queue::connect(&config.queue)
+    let mut redis = shared::queue::connect(&config.queue)
         .await
         .context("connecting to Redis (REDIS_URL)")?;
+    check_eviction_policy(&mut redis, config.redis_allow_eviction).await?;
     let stripe = match &config.stripe.secret_key {
         Some(key) => Some(
             StripeClient::new(
@@ -287,17 +288,55 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
     })
 }
 
+/// Refuses an evicting Redis unless allowed: evicted job data stops apalis' consumers (the
+/// promoter drops such ids, but only a policy that never evicts keeps every job).
+async fn check_eviction_policy(
+    redis: &mut apalis_redis::ConnectionManager,
+    allowed: bool,
+) -> anyhow::Result<()> {
+    use shared::queue::{EVICTION_FIX, EvictionPolicy};
+    match shared::queue::eviction_policy(redis).await {
+        EvictionPolicy::Keeps(_) => Ok(()),
+        EvictionPolicy::Evicts(policy) if allowed => {
+            tracing::warn!(%policy, "Redis may evict queued jobs; starting anyway (REDIS_ALLOW_EVICTION=true)");
+            Ok(())
+        }
+        EvictionPolicy::Evicts(policy) => anyhow::bail!(
+            "Redis' maxmemory-policy is {policy}: under memory pressure it deletes queued jobs' \
+             data and stops the consumers; {EVICTION_FIX}"
+        ),
+        EvictionPolicy::Unknown(reason) => {
+            tracing::warn!(%reason, "cannot read Redis' maxmemory-policy (CONFIG disabled?); make sure it is noeviction");
+            Ok(())
+        }
+    }
+}
+
 async fn run() -> anyhow::Result<()> {
     let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
     shared::telemetry::init(config.log_format);
     let stop = Stop::on_signal();
     let metrics_server = shared::metrics::start(config.metrics_addr, stop.clone().wait()).await?;
+    {
+        use shared::queue::{ApplyEventV1, Job, SendEmailV1};
+        let prefix = &config.queue.prefix;
+        shared::metrics::register_worker(
+            &[
+                ApplyEventV1::queue_name(prefix),
+                SendEmailV1::queue_name(prefix),
+            ],
+            config.stripe.secret_key.is_some(),
+        );
+    }
     let Resources {
         events: deps,
         emails: email_deps,
         email_queue,
         reconciler,
     } = resources(&config).await?;
+    if let Some(reconciler) = &reconciler {
+        reconciliation::publish_last_success(&reconciler.pool).await;
+    }
     let schedule = tokio::spawn(worker::reconcile::schedule::run(
         reconciler,
         config.reconcile.clone(),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shared::db::{email_outbox, webhook_events};
-use shared::metrics::{INBOX_EVENTS, OUTBOX_EMAILS, QUEUE_DEPTH, SWEPT};
+use shared::metrics::{INBOX_EVENTS, INBOX_STATUSES, OUTBOX_EMAILS, QUEUE_DEPTH, SWEPT};
 use shared::queue::{EmailQueue, EventQueue};
 use sqlx::PgPool;
 
@@ -221,7 +221,7 @@ async fn refresh_gauges(
     email_queue: &EmailQueue,
 ) -> anyhow::Result<()> {
     let counts = webhook_events::count_unfinished(pool).await?;
-    for status in ["pending", "deferred", "dead"] {
+    for &status in INBOX_STATUSES {
         let count = counts
             .iter()
             .find(|(s, _)| s == status)
