@@ -136,6 +136,18 @@ pub const STRIPE_RATE_LIMIT_REASONS: &[&str] = &[
     "resource-specific",
     "lock_timeout",
 ];
+/// `action` values of [`BILLING_ACTIONS`].
+pub const BILLING_ACTION_NAMES: &[&str] = &["checkout", "portal"];
+/// `outcome` values of [`BILLING_ACTIONS`].
+pub const BILLING_ACTION_OUTCOMES: &[&str] = &[
+    "created",
+    "invalid",
+    "conflict",
+    "not_found",
+    "stripe_error",
+    "unavailable",
+    "not_configured",
+];
 /// `status` values of [`RECONCILE_RUNS`].
 pub const RECONCILE_STATUSES: &[&str] = &["succeeded", "failed"];
 
@@ -157,6 +169,12 @@ pub fn register_ingest() {
     counters_at_zero(WEBHOOKS_RECEIVED, "outcome", WEBHOOK_OUTCOMES);
     counters_at_zero(ENTERPRISE_REQUESTS, "outcome", ENTERPRISE_OUTCOMES);
     metrics::counter!(ENQUEUE_FAILURES).increment(0);
+    for &action in BILLING_ACTION_NAMES {
+        for &outcome in BILLING_ACTION_OUTCOMES {
+            metrics::counter!(BILLING_ACTIONS, "action" => action, "outcome" => outcome)
+                .increment(0);
+        }
+    }
 }
 
 /// Registers, at 0, every counter and gauge `worker run` emits, with each label value: the
