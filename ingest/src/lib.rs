@@ -91,6 +91,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/organizations/{organization_id}/billing",
             get(routes::billing::get_billing),
         )
+        .route(
+            "/v1/organizations/{organization_id}/payments",
+            get(routes::payments::list_payments),
+        )
+        .route(
+            "/v1/organizations/{organization_id}/payments/{id}",
+            get(routes::payments::get_payment),
+        )
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .with_state(state)

@@ -13,6 +13,7 @@ mod stripe;
 
 pub use self::stripe::{EVENT_RETENTION, ReconcileConfig, StripeApiConfig};
 use crate::email_address;
+use crate::billing::payment::RefundPolicy;
 use crate::retry::Backoff;
 use crate::stripe::PlanMapping;
 
@@ -412,6 +413,9 @@ pub struct WorkerConfig {
     pub email: EmailConfig,
     /// `LOG_FORMAT`, `text` (default) or `json`.
     pub log_format: LogFormat,
+    /// `REFUND_REVOKES_ACCESS` (`true` or `false`, default `true`): whether a full refund or a
+    /// lost dispute of a one-time purchase revokes the lifetime access it granted.
+    pub refunds: RefundPolicy,
 }
 
 /// Sending emails through Resend.
@@ -470,6 +474,9 @@ impl WorkerConfig {
             sweep_grace: source.millis("SWEEP_GRACE_MS", 120_000)?,
             email: EmailConfig::load(source)?,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
+            refunds: RefundPolicy {
+                refund_revokes_access: source.parsed("REFUND_REVOKES_ACCESS", true)?,
+            },
         })
     }
 }

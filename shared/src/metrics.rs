@@ -43,6 +43,9 @@ pub const EVENTS_BACKFILLED: &str = "billing_events_backfilled_total";
 pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.
 pub const WEBHOOK_DURATION: &str = "billing_webhook_duration_seconds";
+/// One-time payments whose status an applied event set, by the new `status` (`pending`,
+/// `succeeded`, `failed`, `refunded`, `partially_refunded`, `disputed`).
+pub const PAYMENTS: &str = "billing_payments_total";
 /// Events decided by the worker, by `decision`.
 pub const EVENTS_DECIDED: &str = "billing_events_decided_total";
 /// Failed apply attempts, by `kind` (`transient`, `permanent`).

@@ -3,4 +3,5 @@
 pub mod billing;
 pub mod enterprise;
 pub mod health;
+pub mod payments;
 pub mod webhooks;
