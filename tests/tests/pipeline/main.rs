@@ -319,6 +319,7 @@ mod enterprise;
 mod hardening;
 mod load;
 mod operators;
+mod payments;
 mod ordering;
 mod reconcile;
 mod recovery;
