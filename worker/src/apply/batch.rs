@@ -75,7 +75,9 @@ impl Locked {
             organizations::lock(&mut **tx, &lock_ids, &customers).await?
         };
         let org_ids: Vec<&str> = orgs.iter().map(|o| o.id.as_str()).collect();
-        let subscriptions = if subscription_ids.is_empty() {
+        // A payment event derives its organization again too, and a revoked lifetime grant
+        // leaves the subscriptions to decide.
+        let subscriptions = if subscription_ids.is_empty() && payment_keys.is_empty() {
             Vec::new()
         } else {
             subscriptions::lock(&mut **tx, &org_ids, &subscription_ids).await?
