@@ -12,8 +12,8 @@ use secrecy::SecretString;
 mod stripe;
 
 pub use self::stripe::{EVENT_RETENTION, ReconcileConfig, StripeApiConfig};
-use crate::email_address;
 use crate::billing::payment::RefundPolicy;
+use crate::email_address;
 use crate::retry::Backoff;
 use crate::stripe::PlanMapping;
 

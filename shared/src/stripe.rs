@@ -607,9 +607,12 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
         }
         "charge.refunded" => {
             let charge: Charge = read(event)?;
-            let payment_intent = charge.payment_intent.as_ref().ok_or(Ignored::NotApplicable(
-                "charge without a payment intent (not a Checkout payment)",
-            ))?;
+            let payment_intent = charge
+                .payment_intent
+                .as_ref()
+                .ok_or(Ignored::NotApplicable(
+                    "charge without a payment intent (not a Checkout payment)",
+                ))?;
             let organization_id = metadata_organization_id(&charge.metadata).map(str::to_owned);
             Ok(Interpretation {
                 customer_id: charge.customer.as_ref().map(|c| c.id().to_owned()),
@@ -630,9 +633,12 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
         }
         "charge.dispute.created" | "charge.dispute.closed" => {
             let dispute: Dispute = read(event)?;
-            let payment_intent = dispute.payment_intent.as_ref().ok_or(
-                Ignored::NotApplicable("dispute without a payment intent (not a Checkout payment)"),
-            )?;
+            let payment_intent = dispute
+                .payment_intent
+                .as_ref()
+                .ok_or(Ignored::NotApplicable(
+                    "dispute without a payment intent (not a Checkout payment)",
+                ))?;
             let organization_id = metadata_organization_id(&dispute.metadata).map(str::to_owned);
             // A dispute's amount is the disputed one, not the payment's: not recorded.
             let _ = (dispute.amount, &dispute.currency);
@@ -898,10 +904,17 @@ mod tests {
             "client_reference_id": "org_1", "customer": "cus_1", "payment_intent": "pi_1",
             "amount_total": 5000, "currency": "eur"
         });
-        let facts = interpret(&event("checkout.session.completed", unpaid.clone()), &plans())
-            .expect("a link");
+        let facts = interpret(
+            &event("checkout.session.completed", unpaid.clone()),
+            &plans(),
+        )
+        .expect("a link");
         assert_eq!(
-            (facts.customer_id.as_deref(), payment(&facts), facts.link.is_some()),
+            (
+                facts.customer_id.as_deref(),
+                payment(&facts),
+                facts.link.is_some()
+            ),
             (Some("cus_1"), Some(PaymentChange::Pending), true),
             "an unpaid one-time checkout links its customer and records a pending payment"
         );
@@ -1001,7 +1014,11 @@ mod tests {
             "currency": "eur", "payment_intent": "pi_1", "customer": null, "metadata": {}
         });
         let facts = interpret(&event("charge.refunded", charge), &plans()).expect("refund");
-        let payment = facts.change.as_ref().and_then(BillingChange::payment).cloned();
+        let payment = facts
+            .change
+            .as_ref()
+            .and_then(BillingChange::payment)
+            .cloned();
         assert_eq!(
             payment.map(|p| (p.payment_intent_id, p.change)),
             Some((
@@ -1012,10 +1029,15 @@ mod tests {
                 }
             ))
         );
-        let dispute = json!({ "id": "dp_1", "status": "lost", "charge": "ch_1", "payment_intent": "pi_1" });
+        let dispute =
+            json!({ "id": "dp_1", "status": "lost", "charge": "ch_1", "payment_intent": "pi_1" });
         let facts = interpret(&event("charge.dispute.closed", dispute), &plans()).expect("dispute");
         assert_eq!(
-            facts.change.as_ref().and_then(BillingChange::payment).map(|p| p.change.clone()),
+            facts
+                .change
+                .as_ref()
+                .and_then(BillingChange::payment)
+                .map(|p| p.change.clone()),
             Some(PaymentChange::Dispute {
                 dispute_id: "dp_1".to_owned(),
                 status: DisputeStatus::Lost
@@ -1029,7 +1051,11 @@ mod tests {
         let facts =
             interpret(&event("payment_intent.payment_failed", intent), &plans()).expect("intent");
         assert_eq!(facts.organization_id.as_deref(), Some("org_1"));
-        let payment = facts.change.as_ref().and_then(BillingChange::payment).cloned();
+        let payment = facts
+            .change
+            .as_ref()
+            .and_then(BillingChange::payment)
+            .cloned();
         assert_eq!(
             payment.map(|p| (p.names_organization, p.change)),
             Some((

@@ -44,8 +44,14 @@ const PERIOD: i64 = 30 * 86_400;
 type Build = dyn Fn(&Customer, i64) -> (Vec<Value>, OrganizationState);
 
 /// Builds a purchase scenario's events, expected state and payments.
-type BuildPurchase =
-    dyn Fn(&Customer, i64) -> (Vec<Value>, OrganizationState, Vec<(String, &'static str, i64)>);
+type BuildPurchase = dyn Fn(
+    &Customer,
+    i64,
+) -> (
+    Vec<Value>,
+    OrganizationState,
+    Vec<(String, &'static str, i64)>,
+);
 
 /// Lifetime access granted (by any event: only `derive`'s result is compared).
 fn granted(at_seconds: i64) -> Lifetime {
@@ -60,11 +66,7 @@ fn at(seconds: i64) -> Option<chrono::DateTime<chrono::Utc>> {
 }
 
 fn expected(finals: &[Final<'_>], lifetime: bool) -> OrganizationState {
-    let lifetime = if lifetime {
-        granted(0)
-    } else {
-        Lifetime::None
-    };
+    let lifetime = if lifetime { granted(0) } else { Lifetime::None };
     expected_with(finals, &lifetime)
 }
 

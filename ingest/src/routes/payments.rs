@@ -8,8 +8,8 @@ use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use shared::billing::payment::{DisputeStatus, PaymentOutcome, PaymentStatus};
-use shared::db::payments::{self, StoredPayment};
 use shared::db::organizations;
+use shared::db::payments::{self, StoredPayment};
 
 use crate::AppState;
 use crate::auth::InternalCaller;

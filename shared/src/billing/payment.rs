@@ -473,7 +473,10 @@ pub fn rule(current: &PaymentState, facts: &PaymentFacts, event: Stamp<'_>) -> R
                     Some("older than the refund already recorded"),
                 )
             } else {
-                (Settled::NoChange, Some("these refunds are already recorded"))
+                (
+                    Settled::NoChange,
+                    Some("these refunds are already recorded"),
+                )
             }
         }
         PaymentChange::Dispute { dispute_id, status } => {

@@ -48,7 +48,10 @@ pub async fn lock_keys<'e>(db: impl PgExecutor<'e>, keys: &[&str]) -> Result<(),
 
 /// The organizations of the stored payments these ids name (unlocked: to lock those
 /// organizations before the payment rows).
-pub async fn owners<'e>(db: impl PgExecutor<'e>, keys: &[&str]) -> Result<Vec<String>, sqlx::Error> {
+pub async fn owners<'e>(
+    db: impl PgExecutor<'e>,
+    keys: &[&str],
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT DISTINCT organization_id FROM payments
          WHERE organization_id IS NOT NULL
@@ -116,7 +119,10 @@ pub async fn find<'e>(
 }
 
 /// Inserts or replaces these payments, all in one statement, and stamps `updated_at`.
-pub async fn save<'e>(db: impl PgExecutor<'e>, payments: &[&PaymentState]) -> Result<(), sqlx::Error> {
+pub async fn save<'e>(
+    db: impl PgExecutor<'e>,
+    payments: &[&PaymentState],
+) -> Result<(), sqlx::Error> {
     fn column<'a, T: 'a>(rows: &[&'a PaymentState], f: impl Fn(&'a PaymentState) -> T) -> Vec<T> {
         rows.iter().map(|p| f(p)).collect()
     }

@@ -195,7 +195,10 @@ async fn random_delivery_of_several_subscriptions_ends_in_the_derived_state() {
             .iter()
             .map(|pay| {
                 (
-                    pay["payment_intent_id"].as_str().unwrap_or_default().to_owned(),
+                    pay["payment_intent_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
                     pay["status"].as_str().unwrap_or_default().to_owned(),
                     pay["amount_refunded"].as_i64().unwrap_or_default(),
                 )

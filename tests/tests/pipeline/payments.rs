@@ -24,7 +24,10 @@ async fn deliver(p: &Pipeline, ev: &Value) -> Vec<String> {
 async fn payments(p: &Pipeline, organization_id: &str) -> Value {
     let (status, body) = p
         .client
-        .internal_get(&format!("/v1/organizations/{organization_id}/payments"), true)
+        .internal_get(
+            &format!("/v1/organizations/{organization_id}/payments"),
+            true,
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     body
@@ -75,7 +78,10 @@ async fn a_card_purchase_grants_lifetime_access_and_is_listed_and_found_by_eithe
     let org = &customer.organization_id;
     let purchase = customer.purchase("card");
     let t = now() - 60;
-    assert_eq!(deliver(&p, &purchase.completed("paid", t)).await, ["applied"]);
+    assert_eq!(
+        deliver(&p, &purchase.completed("paid", t)).await,
+        ["applied"]
+    );
     assert_eq!(
         deliver(&p, &purchase.intent_event(true, t)).await,
         ["ignored"],
@@ -116,14 +122,20 @@ async fn a_card_purchase_grants_lifetime_access_and_is_listed_and_found_by_eithe
         assert_eq!((status, &body["status"]), (200, &Value::from("succeeded")));
     }
     let (status, body) = payment(&p, org, "pi_unknown").await;
-    assert_eq!((status, &body["error"]["code"]), (404, &Value::from("not_found")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &Value::from("not_found"))
+    );
     let (status, _) = payment(&p, "org_somebody_else", &purchase.session_id()).await;
     assert_eq!(status, 404, "another organization's payment is not found");
     let (status, body) = p
         .client
         .internal_get("/v1/organizations/org_nobody/payments", true)
         .await;
-    assert_eq!((status, &body["error"]["code"]), (404, &Value::from("not_found")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &Value::from("not_found"))
+    );
     let (status, body) = p
         .client
         .internal_get(&format!("/v1/organizations/{org}/payments"), false)
@@ -142,7 +154,10 @@ async fn a_delayed_payment_is_pending_then_grants_access_when_it_succeeds_days_l
     let org = &customer.organization_id;
     let purchase = customer.purchase("sepa");
     let t = now() - 4 * DAY;
-    assert_eq!(deliver(&p, &purchase.completed("unpaid", t)).await, ["applied"]);
+    assert_eq!(
+        deliver(&p, &purchase.completed("unpaid", t)).await,
+        ["applied"]
+    );
     assert_eq!(access(&p, org).await, no_plan(), "nothing granted yet");
     let (_, billing) = p.client.billing(org).await;
     assert_eq!(
@@ -153,7 +168,10 @@ async fn a_delayed_payment_is_pending_then_grants_access_when_it_succeeds_days_l
     let (status, row) = payment(&p, org, &purchase.session_id()).await;
     assert_eq!((status, row["status"].as_str()), (200, Some("pending")));
 
-    assert_eq!(deliver(&p, &purchase.settled(true, t + 3 * DAY)).await, ["applied"]);
+    assert_eq!(
+        deliver(&p, &purchase.settled(true, t + 3 * DAY)).await,
+        ["applied"]
+    );
     assert_eq!(access(&p, org).await, lifetime());
     let (_, row) = payment(&p, org, &purchase.payment_intent_id()).await;
     assert_eq!(row["status"], "succeeded", "{row}");
@@ -191,7 +209,10 @@ async fn a_delayed_payment_failing_days_later_records_the_failure_and_grants_not
     let mut late = purchase.completed("unpaid", t);
     late["id"] = format!("evt_{}_late", customer.customer_id).into();
     assert_eq!(deliver(&p, &late).await, ["stale"]);
-    assert_eq!(payment(&p, org, &purchase.session_id()).await.1["status"], "failed");
+    assert_eq!(
+        payment(&p, org, &purchase.session_id()).await.1["status"],
+        "failed"
+    );
 }
 
 #[tokio::test]
@@ -224,8 +245,15 @@ async fn a_full_refund_revokes_lifetime_access_and_a_partial_one_does_not() {
     let purchase = customer.purchase("card");
     let t = now() - 600;
     deliver(&p, &purchase.completed("paid", t)).await;
-    assert_eq!(deliver(&p, &purchase.refunded(5_000, t + 60)).await, ["applied"]);
-    assert_eq!(access(&p, org).await, lifetime(), "a partial refund changes no access");
+    assert_eq!(
+        deliver(&p, &purchase.refunded(5_000, t + 60)).await,
+        ["applied"]
+    );
+    assert_eq!(
+        access(&p, org).await,
+        lifetime(),
+        "a partial refund changes no access"
+    );
     let (_, row) = payment(&p, org, &purchase.payment_intent_id()).await;
     assert_eq!(
         (row["status"].as_str(), row["amount_refunded"].as_i64()),
@@ -234,7 +262,11 @@ async fn a_full_refund_revokes_lifetime_access_and_a_partial_one_does_not() {
 
     let full = purchase.refunded(PURCHASE_AMOUNT, t + 120);
     assert_eq!(deliver(&p, &full).await, ["applied"]);
-    assert_eq!(access(&p, org).await, no_plan(), "plan cleared, status none");
+    assert_eq!(
+        access(&p, org).await,
+        no_plan(),
+        "plan cleared, status none"
+    );
     assert_eq!(
         ended_at(&p, org).await.map(|e| e.timestamp()),
         Some(t + 120),
@@ -253,9 +285,14 @@ async fn a_full_refund_revokes_lifetime_access_and_a_partial_one_does_not() {
     .fetch_one(&p.db.pool)
     .await
     .expect("audit row");
-    assert_eq!((before.as_deref(), after.as_deref()), (Some("active"), Some("none")));
+    assert_eq!(
+        (before.as_deref(), after.as_deref()),
+        (Some("active"), Some("none"))
+    );
     assert!(
-        detail.as_deref().is_some_and(|d| d.contains("lifetime access revoked (fully refunded)")),
+        detail
+            .as_deref()
+            .is_some_and(|d| d.contains("lifetime access revoked (fully refunded)")),
         "{detail:?}"
     );
     // The older partial refund delivered again: stale, the newer state stands.
@@ -280,7 +317,11 @@ async fn a_lost_dispute_revokes_lifetime_access_and_a_won_one_does_not() {
             ["applied"]
         );
         let org = &customer.organization_id;
-        assert_eq!(access(&p, org).await, lifetime(), "an open dispute keeps access");
+        assert_eq!(
+            access(&p, org).await,
+            lifetime(),
+            "an open dispute keeps access"
+        );
         let (_, row) = payment(&p, org, &purchase.payment_intent_id()).await;
         assert_eq!(row["status"], "disputed");
         assert_eq!(
@@ -289,15 +330,24 @@ async fn a_lost_dispute_revokes_lifetime_access_and_a_won_one_does_not() {
         );
     }
     assert_eq!(access(&p, &losing.organization_id).await, no_plan());
-    let (_, row) = payment(&p, &losing.organization_id, &losing.purchase("card").session_id()).await;
+    let (_, row) = payment(
+        &p,
+        &losing.organization_id,
+        &losing.purchase("card").session_id(),
+    )
+    .await;
     assert_eq!(
         (row["status"].as_str(), row["dispute_status"].as_str()),
         (Some("refunded"), Some("lost")),
         "a lost dispute counts as a full refund"
     );
     assert_eq!(access(&p, &winning.organization_id).await, lifetime());
-    let (_, row) =
-        payment(&p, &winning.organization_id, &winning.purchase("card").session_id()).await;
+    let (_, row) = payment(
+        &p,
+        &winning.organization_id,
+        &winning.purchase("card").session_id(),
+    )
+    .await;
     assert_eq!(
         (row["status"].as_str(), row["dispute_status"].as_str()),
         (Some("succeeded"), Some("won"))
@@ -335,7 +385,7 @@ async fn a_refund_and_a_dispute_delivered_before_their_checkout_are_kept_and_app
     let disputed = Customer::new(&format!("{}_disputed", unique_tag()));
     let refund: Purchase = refunded.purchase("card");
     let dispute: Purchase = disputed.purchase("card");
-    let events = vec![
+    let events = [
         refund.completed("paid", t),
         refund.intent_event(true, t),
         refund.refunded(PURCHASE_AMOUNT, t + 100),
@@ -361,19 +411,30 @@ async fn a_refund_and_a_dispute_delivered_before_their_checkout_are_kept_and_app
     p.start_worker();
     p.wait_until_all_processed(events.len() as i64).await;
 
-    assert_eq!(access(&p, &refunded.organization_id).await, no_plan(), "seed {seed}");
+    assert_eq!(
+        access(&p, &refunded.organization_id).await,
+        no_plan(),
+        "seed {seed}"
+    );
     let (_, row) = payment(&p, &refunded.organization_id, &refund.session_id()).await;
     assert_eq!(
         (row["status"].as_str(), row["amount"].as_i64()),
         (Some("refunded"), Some(PURCHASE_AMOUNT)),
         "seed {seed}: {row}"
     );
-    assert_eq!(access(&p, &disputed.organization_id).await, lifetime(), "seed {seed}");
+    assert_eq!(
+        access(&p, &disputed.organization_id).await,
+        lifetime(),
+        "seed {seed}"
+    );
     let (_, row) = payment(&p, &disputed.organization_id, &dispute.session_id()).await;
     assert_eq!(row["dispute_status"], "won", "seed {seed}: {row}");
     let finals = p.final_decisions().await;
     assert_eq!(finals.len(), events.len(), "seed {seed}");
-    assert!(finals.iter().all(|(_, n)| *n == 1), "seed {seed}: {finals:?}");
+    assert!(
+        finals.iter().all(|(_, n)| *n == 1),
+        "seed {seed}: {finals:?}"
+    );
 }
 
 #[tokio::test]

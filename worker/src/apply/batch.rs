@@ -49,7 +49,12 @@ impl Locked {
         let mut payment_keys: Vec<&str> = facts
             .iter()
             .filter_map(|f| f.change.as_ref()?.payment())
-            .flat_map(|p| [p.checkout_session_id.as_deref(), p.payment_intent_id.as_deref()])
+            .flat_map(|p| {
+                [
+                    p.checkout_session_id.as_deref(),
+                    p.payment_intent_id.as_deref(),
+                ]
+            })
             .flatten()
             .collect();
         payment_keys.sort_unstable();
@@ -66,7 +71,11 @@ impl Locked {
         if !ids.is_empty() {
             organizations::ensure_exist(&mut **tx, &ids).await?;
         }
-        let mut lock_ids: Vec<&str> = ids.iter().copied().chain(owners.iter().map(String::as_str)).collect();
+        let mut lock_ids: Vec<&str> = ids
+            .iter()
+            .copied()
+            .chain(owners.iter().map(String::as_str))
+            .collect();
         lock_ids.sort_unstable();
         lock_ids.dedup();
         let orgs = if lock_ids.is_empty() && customers.is_empty() {
@@ -107,9 +116,9 @@ impl Locked {
                     || p.checkout_session_id.as_ref() == Some(id)
             })
         };
-        self.payments.iter().find(|p| {
-            names(p, &facts.payment_intent_id) || names(p, &facts.checkout_session_id)
-        })
+        self.payments
+            .iter()
+            .find(|p| names(p, &facts.payment_intent_id) || names(p, &facts.checkout_session_id))
     }
 
     /// Replaces (or adds) a payment's state.
@@ -183,7 +192,8 @@ impl Locked {
             Lifetime::Revoked { .. } | Lifetime::None => (None, None),
         };
         let org = &mut self.orgs[at];
-        let mut changed = org.lifetime_event_id != event_id || org.lifetime_granted_at != granted_at;
+        let mut changed =
+            org.lifetime_event_id != event_id || org.lifetime_granted_at != granted_at;
         org.lifetime_event_id = event_id;
         org.lifetime_granted_at = granted_at;
         changed |= org.set_derived(state, event);

@@ -142,8 +142,13 @@ pub(super) fn decide(
             }),
         ),
         Some(BillingChange::Payment(payment_facts)) => {
-            let (decision, detail, status) =
-                apply_payment(locked, at, stored, &payment_facts, facts.customer_id.as_deref())?;
+            let (decision, detail, status) = apply_payment(
+                locked,
+                at,
+                stored,
+                &payment_facts,
+                facts.customer_id.as_deref(),
+            )?;
             verdict.payment_status = status;
             (decision, Some(detail))
         }
@@ -283,7 +288,11 @@ fn current_payment(locked: &Locked, facts: &PaymentFacts) -> PaymentState {
 
 /// A payment event no organization can be found for: its facts are kept on the payment's row
 /// (no organization yet), for the checkout that will claim it.
-fn keep_unowned_payment(locked: &mut Locked, stored: &StoredEvent, facts: &PaymentFacts) -> Verdict {
+fn keep_unowned_payment(
+    locked: &mut Locked,
+    stored: &StoredEvent,
+    facts: &PaymentFacts,
+) -> Verdict {
     let current = current_payment(locked, facts);
     let ruling = payment::rule(&current, facts, stamp(stored));
     let decision = match (ruling.settled, &ruling.next) {

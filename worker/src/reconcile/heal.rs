@@ -2,10 +2,10 @@
 //! setting it right in one transaction that takes the apply transactions' locks in their order
 //! (customer link, organization row, subscription row), so it never races an event.
 
-use shared::billing::payment::RefundPolicy;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use shared::billing::PlanStatus;
+use shared::billing::payment::RefundPolicy;
 use shared::billing::subscription::{Snapshot, Stamp, SubscriptionChange, SubscriptionState};
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::stripe::{BillingChange, Interpretation};
