@@ -113,6 +113,14 @@ pub fn router(state: AppState) -> Router {
                 ))
                 .layer(from_fn_with_state(actions_gate, hold_body)),
         )
+        .route(
+            "/v1/organizations/{organization_id}/payments",
+            get(routes::payments::list_payments),
+        )
+        .route(
+            "/v1/organizations/{organization_id}/payments/{id}",
+            get(routes::payments::get_payment),
+        )
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .with_state(state)

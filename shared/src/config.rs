@@ -12,6 +12,7 @@ use secrecy::SecretString;
 mod stripe;
 
 pub use self::stripe::{BillingActionsConfig, EVENT_RETENTION, ReconcileConfig, StripeApiConfig};
+use crate::billing::payment::RefundPolicy;
 use crate::email_address;
 use crate::retry::Backoff;
 use crate::stripe::PlanMapping;
@@ -418,6 +419,9 @@ pub struct WorkerConfig {
     /// `REDIS_ALLOW_EVICTION` (`true`/`false`, default false): start even though Redis'
     /// `maxmemory-policy` may delete keys (see `queue::EvictionPolicy`).
     pub redis_allow_eviction: bool,
+    /// `REFUND_REVOKES_ACCESS` (`true` or `false`, default `true`): whether a full refund or a
+    /// lost dispute of a one-time purchase revokes the lifetime access it granted.
+    pub refunds: RefundPolicy,
 }
 
 /// Sending emails through Resend.
@@ -477,6 +481,9 @@ impl WorkerConfig {
             email: EmailConfig::load(source)?,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
             redis_allow_eviction: source.parsed("REDIS_ALLOW_EVICTION", false)?,
+            refunds: RefundPolicy {
+                refund_revokes_access: source.parsed("REFUND_REVOKES_ACCESS", true)?,
+            },
         })
     }
 }

@@ -54,6 +54,9 @@ pub const BILLING_ACTIONS: &str = "billing_actions_total";
 pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.
 pub const WEBHOOK_DURATION: &str = "billing_webhook_duration_seconds";
+/// One-time payments whose status an applied event set, by the new `status` (`pending`,
+/// `succeeded`, `failed`, `refunded`, `partially_refunded`, `disputed`).
+pub const PAYMENTS: &str = "billing_payments_total";
 /// Events decided by the worker, by `decision` ([`EVENT_DECISIONS`]).
 pub const EVENTS_DECIDED: &str = "billing_events_decided_total";
 /// Failed apply attempts, by `kind` ([`FAILURE_KINDS`]).
@@ -148,6 +151,15 @@ pub const BILLING_ACTION_OUTCOMES: &[&str] = &[
     "unavailable",
     "not_configured",
 ];
+/// `status` values of [`PAYMENTS`].
+pub const PAYMENT_STATUSES: &[&str] = &[
+    "pending",
+    "succeeded",
+    "failed",
+    "refunded",
+    "partially_refunded",
+    "disputed",
+];
 /// `status` values of [`RECONCILE_RUNS`].
 pub const RECONCILE_STATUSES: &[&str] = &["succeeded", "failed"];
 
@@ -186,6 +198,7 @@ pub fn register_worker(queues: &[String], stripe_api: bool) {
     counters_at_zero(EVENTS_DECIDED, "decision", EVENT_DECISIONS);
     counters_at_zero(EVENT_FAILURES, "kind", FAILURE_KINDS);
     counters_at_zero(EMAILS, "outcome", EMAIL_OUTCOMES);
+    counters_at_zero(PAYMENTS, "status", PAYMENT_STATUSES);
     for counter in [DEAD_LETTERS, SWEPT, UNMAPPED_PRICES, EVENTS_BACKFILLED] {
         metrics::counter!(counter).increment(0);
     }

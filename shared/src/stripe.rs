@@ -4,8 +4,8 @@
 //! other versions; these models never do, so every stored event can be read.
 //!
 //! [`interpret`] turns one event into what the billing rules need: who it is about and what it
-//! changes (a subscription's snapshot or invoice, a lifetime purchase, or only a link between
-//! an organization and a customer).
+//! changes (a subscription's snapshot or invoice, a one-time payment's progress, refunds or
+//! dispute, or only a link between an organization and a customer).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::billing::PlanStatus;
+use crate::billing::payment::{DisputeStatus, PaymentChange, PaymentFacts};
 use crate::billing::subscription::{InvoiceFacts, Snapshot, SubscriptionChange};
 
 /// The envelope fields ingest stores next to the raw body. Borrowed: ingest parses nothing else.
@@ -104,6 +105,18 @@ fn metadata_organization_id(metadata: &Option<HashMap<String, String>>) -> Optio
 /// `checkout.session` fields used here.
 #[derive(Debug, Deserialize)]
 pub struct CheckoutSession {
+    /// `cs_…`
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The payment intent of a `payment`-mode session (set once the customer confirmed).
+    #[serde(default)]
+    pub payment_intent: Option<Expandable>,
+    /// Total in minor units.
+    #[serde(default)]
+    pub amount_total: Option<i64>,
+    /// Lower-case ISO currency.
+    #[serde(default)]
+    pub currency: Option<String>,
     /// `payment`, `subscription` or `setup`.
     pub mode: String,
     /// `paid`, `unpaid` or `no_payment_required`.
@@ -235,6 +248,86 @@ pub struct Invoice {
     /// Why the invoice was created: `subscription_create` for a subscription's first one.
     #[serde(default)]
     pub billing_reason: Option<String>,
+}
+
+/// `payment_intent` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct PaymentIntent {
+    /// `pi_…`
+    pub id: String,
+    /// Amount in minor units.
+    #[serde(default)]
+    pub amount: Option<i64>,
+    /// Lower-case ISO currency.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// The customer, when there is one.
+    #[serde(default)]
+    pub customer: Option<Expandable>,
+    /// `payment_intent_data[metadata]` of the checkout: `organization_id` names the buyer.
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    /// Why the last attempt failed.
+    #[serde(default)]
+    pub last_payment_error: Option<PaymentError>,
+}
+
+/// `payment_intent.last_payment_error`.
+#[derive(Debug, Deserialize)]
+pub struct PaymentError {
+    /// e.g. `card_declined`.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Stripe's message.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// `charge` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct Charge {
+    /// Amount in minor units.
+    #[serde(default)]
+    pub amount: Option<i64>,
+    /// Refunded so far (cumulative).
+    #[serde(default)]
+    pub amount_refunded: i64,
+    /// The whole charge is refunded.
+    #[serde(default)]
+    pub refunded: bool,
+    /// Lower-case ISO currency.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// The payment intent the charge belongs to.
+    #[serde(default)]
+    pub payment_intent: Option<Expandable>,
+    /// The customer, when there is one.
+    #[serde(default)]
+    pub customer: Option<Expandable>,
+    /// Charge metadata (Stripe copies the payment intent's).
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+/// `dispute` fields used here.
+#[derive(Debug, Deserialize)]
+pub struct Dispute {
+    /// `dp_…`
+    pub id: String,
+    /// `needs_response`, `under_review`, `won`, `lost`, `warning_closed`…
+    pub status: String,
+    /// The payment intent of the disputed charge.
+    #[serde(default)]
+    pub payment_intent: Option<Expandable>,
+    /// Disputed amount.
+    #[serde(default)]
+    pub amount: Option<i64>,
+    /// Lower-case ISO currency.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// Dispute metadata.
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
 }
 
 /// `customer` fields used here.
@@ -387,8 +480,9 @@ pub enum BillingChange {
         /// What.
         change: SubscriptionChange,
     },
-    /// A paid one-time checkout: lifetime access.
-    LifetimePurchase,
+    /// Something about one one-time payment (a `payment`-mode checkout, its payment intent,
+    /// charge refunds or dispute).
+    Payment(PaymentFacts),
 }
 
 impl BillingChange {
@@ -398,7 +492,15 @@ impl BillingChange {
             BillingChange::Subscription {
                 subscription_id, ..
             } => Some(subscription_id),
-            BillingChange::LifetimePurchase => None,
+            BillingChange::Payment(_) => None,
+        }
+    }
+
+    /// The payment it is about, if any.
+    pub fn payment(&self) -> Option<&PaymentFacts> {
+        match self {
+            BillingChange::Payment(facts) => Some(facts),
+            BillingChange::Subscription { .. } => None,
         }
     }
 }
@@ -447,8 +549,16 @@ pub enum Ignored {
 }
 
 /// The event types that change billing state or link a customer.
-pub const HANDLED_EVENT_TYPES: [&str; 13] = [
+pub const HANDLED_EVENT_TYPES: [&str; 21] = [
     "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.async_payment_failed",
+    "checkout.session.expired",
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "charge.refunded",
+    "charge.dispute.created",
+    "charge.dispute.closed",
     "customer.created",
     "customer.updated",
     "customer.subscription.created",
@@ -466,7 +576,89 @@ pub const HANDLED_EVENT_TYPES: [&str; 13] = [
 /// Reads what an event means for billing.
 pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, Ignored> {
     match event.event_type.as_str() {
-        "checkout.session.completed" => checkout_completed(read(event)?),
+        "checkout.session.completed"
+        | "checkout.session.async_payment_succeeded"
+        | "checkout.session.async_payment_failed"
+        | "checkout.session.expired" => checkout_session(&event.event_type, read(event)?),
+        "payment_intent.succeeded" | "payment_intent.payment_failed" => {
+            let intent: PaymentIntent = read(event)?;
+            let organization_id = metadata_organization_id(&intent.metadata).map(str::to_owned);
+            let change = if event.event_type == "payment_intent.succeeded" {
+                PaymentChange::Succeeded
+            } else {
+                let error = intent.last_payment_error.as_ref();
+                PaymentChange::Failed {
+                    reason: error.and_then(|e| e.message.clone().or(e.code.clone())),
+                }
+            };
+            Ok(Interpretation {
+                customer_id: intent.customer.as_ref().map(|c| c.id().to_owned()),
+                link: None,
+                change: Some(BillingChange::Payment(PaymentFacts {
+                    checkout_session_id: None,
+                    payment_intent_id: Some(intent.id),
+                    amount: intent.amount,
+                    currency: intent.currency,
+                    names_organization: organization_id.is_some(),
+                    change,
+                })),
+                organization_id,
+            })
+        }
+        "charge.refunded" => {
+            let charge: Charge = read(event)?;
+            let payment_intent = charge
+                .payment_intent
+                .as_ref()
+                .ok_or(Ignored::NotApplicable(
+                    "charge without a payment intent (not a Checkout payment)",
+                ))?;
+            let organization_id = metadata_organization_id(&charge.metadata).map(str::to_owned);
+            Ok(Interpretation {
+                customer_id: charge.customer.as_ref().map(|c| c.id().to_owned()),
+                link: None,
+                change: Some(BillingChange::Payment(PaymentFacts {
+                    checkout_session_id: None,
+                    payment_intent_id: Some(payment_intent.id().to_owned()),
+                    amount: charge.amount,
+                    currency: charge.currency,
+                    names_organization: organization_id.is_some(),
+                    change: PaymentChange::Refunded {
+                        amount_refunded: charge.amount_refunded,
+                        full: charge.refunded,
+                    },
+                })),
+                organization_id,
+            })
+        }
+        "charge.dispute.created" | "charge.dispute.closed" => {
+            let dispute: Dispute = read(event)?;
+            let payment_intent = dispute
+                .payment_intent
+                .as_ref()
+                .ok_or(Ignored::NotApplicable(
+                    "dispute without a payment intent (not a Checkout payment)",
+                ))?;
+            let organization_id = metadata_organization_id(&dispute.metadata).map(str::to_owned);
+            // A dispute's amount is the disputed one, not the payment's: not recorded.
+            let _ = (dispute.amount, &dispute.currency);
+            Ok(Interpretation {
+                customer_id: None,
+                link: None,
+                change: Some(BillingChange::Payment(PaymentFacts {
+                    checkout_session_id: None,
+                    payment_intent_id: Some(payment_intent.id().to_owned()),
+                    amount: None,
+                    currency: None,
+                    names_organization: organization_id.is_some(),
+                    change: PaymentChange::Dispute {
+                        status: DisputeStatus::from_stripe(&dispute.status),
+                        dispute_id: dispute.id,
+                    },
+                })),
+                organization_id,
+            })
+        }
         "customer.created" | "customer.updated" => {
             let customer: Customer = read(event)?;
             let organization_id = metadata_organization_id(&customer.metadata).ok_or(
@@ -545,9 +737,11 @@ pub fn interpret(event: &Event, plans: &PlanMapping) -> Result<Interpretation, I
     }
 }
 
-/// A completed checkout links its customer to the organization in every mode; a paid
-/// `payment`-mode session is also a lifetime purchase.
-fn checkout_completed(session: CheckoutSession) -> Result<Interpretation, Ignored> {
+/// A completed checkout links its customer to the organization in every mode. In `payment`
+/// mode every checkout session event is also about the payment: `completed` paid (or
+/// `async_payment_succeeded`) means it succeeded, `completed` unpaid that a delayed method is
+/// processing, `async_payment_failed` that it failed, `expired` closes a pending one.
+fn checkout_session(event_type: &str, session: CheckoutSession) -> Result<Interpretation, Ignored> {
     let organization_id = session
         .client_reference_id
         .clone()
@@ -565,25 +759,52 @@ fn checkout_completed(session: CheckoutSession) -> Result<Interpretation, Ignore
         .as_ref()
         .and_then(|d| d.email.clone())
         .or(session.customer_email.clone());
-    let change = match (session.mode.as_str(), session.payment_status.as_str()) {
-        ("payment", "paid") => Some(BillingChange::LifetimePurchase),
-        ("payment" | "subscription" | "setup", _) => None,
+    let payment_change = match (event_type, session.payment_status.as_str()) {
+        ("checkout.session.completed", "paid") => Some(PaymentChange::Succeeded),
+        ("checkout.session.completed", "unpaid") => Some(PaymentChange::Pending),
+        ("checkout.session.completed", _) => None,
+        ("checkout.session.async_payment_succeeded", _) => Some(PaymentChange::Succeeded),
+        ("checkout.session.async_payment_failed", _) => Some(PaymentChange::Failed {
+            reason: Some("the delayed payment failed".to_owned()),
+        }),
+        _ => Some(PaymentChange::Expired),
+    };
+    let change = match session.mode.as_str() {
+        "payment" => payment_change.map(|change| {
+            BillingChange::Payment(PaymentFacts {
+                checkout_session_id: session.id.clone(),
+                payment_intent_id: session.payment_intent.as_ref().map(|p| p.id().to_owned()),
+                amount: session.amount_total,
+                currency: session.currency.clone(),
+                names_organization: organization_id.is_some(),
+                change,
+            })
+        }),
+        "subscription" | "setup" if event_type == "checkout.session.completed" => None,
+        "subscription" | "setup" => {
+            return Err(Ignored::NotApplicable(
+                "only payment-mode sessions are settled or expired here",
+            ));
+        }
         _ => {
             return Err(Ignored::NotApplicable(
                 "checkout mode does not concern billing",
             ));
         }
     };
+    let change = change.filter(|c| c.payment().is_some_and(|p| p.key().is_some()));
     let customer_id = session.customer.as_ref().map(|c| c.id().to_owned());
     if customer_id.is_none() && change.is_none() {
         return Err(Ignored::NotApplicable(
-            "checkout without a customer and without a paid purchase",
+            "checkout without a customer and without a payment",
         ));
     }
+    // An expired session links nothing: nobody bought anything.
+    let links = event_type != "checkout.session.expired";
     Ok(Interpretation {
         organization_id,
         customer_id,
-        link: Some(CheckoutLink {
+        link: links.then(|| CheckoutLink {
             subscription_id: session.subscription.as_ref().map(|s| s.id().to_owned()),
             billing_email,
         }),
@@ -664,24 +885,53 @@ mod tests {
     #[test]
     fn a_paid_one_time_checkout_is_a_lifetime_purchase() {
         let session = json!({
-            "mode": "payment", "payment_status": "paid", "client_reference_id": "org_1",
+            "id": "cs_1", "mode": "payment", "payment_status": "paid", "client_reference_id": "org_1",
             "customer": "cus_1", "subscription": null, "customer_details": { "email": "a@b.example" }
         });
         let facts = interpret(&event("checkout.session.completed", session), &plans())
             .expect("interpreted");
         assert_eq!(facts.organization_id.as_deref(), Some("org_1"));
-        assert_eq!(facts.change, Some(BillingChange::LifetimePurchase));
+        let payment = |facts: &Interpretation| {
+            facts
+                .change
+                .as_ref()
+                .and_then(BillingChange::payment)
+                .map(|p| p.change.clone())
+        };
+        assert_eq!(payment(&facts), Some(PaymentChange::Succeeded));
         let unpaid = json!({
-            "mode": "payment", "payment_status": "unpaid", "client_reference_id": "org_1",
-            "customer": "cus_1"
+            "id": "cs_1", "mode": "payment", "payment_status": "unpaid",
+            "client_reference_id": "org_1", "customer": "cus_1", "payment_intent": "pi_1",
+            "amount_total": 5000, "currency": "eur"
         });
-        let facts =
-            interpret(&event("checkout.session.completed", unpaid), &plans()).expect("a link");
+        let facts = interpret(
+            &event("checkout.session.completed", unpaid.clone()),
+            &plans(),
+        )
+        .expect("a link");
         assert_eq!(
-            (facts.customer_id.as_deref(), facts.change),
-            (Some("cus_1"), Option::None),
-            "an unpaid one-time checkout links its customer and grants nothing yet"
+            (
+                facts.customer_id.as_deref(),
+                payment(&facts),
+                facts.link.is_some()
+            ),
+            (Some("cus_1"), Some(PaymentChange::Pending), true),
+            "an unpaid one-time checkout links its customer and records a pending payment"
         );
+        let settled = interpret(
+            &event("checkout.session.async_payment_succeeded", unpaid.clone()),
+            &plans(),
+        )
+        .expect("settled");
+        let facts = settled.change.as_ref().and_then(BillingChange::payment);
+        assert_eq!(
+            facts.map(|p| (p.key(), p.amount, p.change.clone())),
+            Some((Some("pi_1"), Some(5000), PaymentChange::Succeeded))
+        );
+        let expired =
+            interpret(&event("checkout.session.expired", unpaid), &plans()).expect("expired");
+        assert_eq!(payment(&expired), Some(PaymentChange::Expired));
+        assert!(expired.link.is_none(), "an expired session links nothing");
     }
 
     #[test]
@@ -755,6 +1005,71 @@ mod tests {
         });
         let facts = interpret(&event("invoice.paid", invoice), &plans()).expect("interpreted");
         assert_eq!(facts.organization_id.as_deref(), Some("org_inv"));
+    }
+
+    #[test]
+    fn refunds_disputes_and_payment_intents_name_their_payment_intent() {
+        let charge = json!({
+            "id": "ch_1", "amount": 5000, "amount_refunded": 5000, "refunded": true,
+            "currency": "eur", "payment_intent": "pi_1", "customer": null, "metadata": {}
+        });
+        let facts = interpret(&event("charge.refunded", charge), &plans()).expect("refund");
+        let payment = facts
+            .change
+            .as_ref()
+            .and_then(BillingChange::payment)
+            .cloned();
+        assert_eq!(
+            payment.map(|p| (p.payment_intent_id, p.change)),
+            Some((
+                Some("pi_1".to_owned()),
+                PaymentChange::Refunded {
+                    amount_refunded: 5000,
+                    full: true
+                }
+            ))
+        );
+        let dispute =
+            json!({ "id": "dp_1", "status": "lost", "charge": "ch_1", "payment_intent": "pi_1" });
+        let facts = interpret(&event("charge.dispute.closed", dispute), &plans()).expect("dispute");
+        assert_eq!(
+            facts
+                .change
+                .as_ref()
+                .and_then(BillingChange::payment)
+                .map(|p| p.change.clone()),
+            Some(PaymentChange::Dispute {
+                dispute_id: "dp_1".to_owned(),
+                status: DisputeStatus::Lost
+            })
+        );
+        let intent = json!({
+            "id": "pi_1", "amount": 5000, "currency": "eur",
+            "metadata": { "organization_id": "org_1" },
+            "last_payment_error": { "code": "card_declined", "message": "Your card was declined." }
+        });
+        let facts =
+            interpret(&event("payment_intent.payment_failed", intent), &plans()).expect("intent");
+        assert_eq!(facts.organization_id.as_deref(), Some("org_1"));
+        let payment = facts
+            .change
+            .as_ref()
+            .and_then(BillingChange::payment)
+            .cloned();
+        assert_eq!(
+            payment.map(|p| (p.names_organization, p.change)),
+            Some((
+                true,
+                PaymentChange::Failed {
+                    reason: Some("Your card was declined.".to_owned())
+                }
+            ))
+        );
+        let bare_charge = json!({ "id": "ch_2", "amount": 100, "payment_intent": null });
+        assert!(matches!(
+            interpret(&event("charge.refunded", bare_charge), &plans()),
+            Err(Ignored::NotApplicable(_))
+        ));
     }
 
     #[test]

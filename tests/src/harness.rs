@@ -368,6 +368,18 @@ impl IngestClient {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET` an internal API path (e.g. `/v1/organizations/o/payments`), with the tests' token
+    /// or, when `token` is false, none.
+    pub async fn internal_get(&self, path: &str, token: bool) -> (u16, Value) {
+        let mut request = self.http.get(format!("{}{path}", self.base_url));
+        if token {
+            request = request.bearer_auth(INTERNAL_TOKEN);
+        }
+        let response = request.send().await.expect("internal API request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// `POST /v1/enterprise-requests` with `body` as JSON, the tests' token and an optional
     /// `Idempotency-Key`.
     pub async fn enterprise_request(

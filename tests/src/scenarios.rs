@@ -1,14 +1,17 @@
 //! Lifecycles with several subscriptions, trials, portal cancellations, failures and lifetime
-//! purchases, as Stripe emits them (each a few seconds apart, some in the same second), with
-//! the state each organization must end in: the one `shared::billing::organization::derive`
-//! gives for its true final subscriptions, whatever order the events arrive in.
+//! purchases (by card, by delayed methods succeeding or failing, refunded in part or in full,
+//! disputed and won or lost), as Stripe emits them (each a few seconds apart, some in the same
+//! second), with the state each organization must end in: the one
+//! `shared::billing::organization::derive` gives for its true final subscriptions and
+//! purchases, and each of its payments' final status, whatever order the events arrive in.
 
 use serde_json::{Value, json};
 use shared::billing::PlanStatus;
 use shared::billing::organization::{OrganizationState, derive};
+use shared::billing::payment::Lifetime;
 use shared::billing::subscription::SubscriptionState;
 
-use crate::stripe_events::Customer;
+use crate::stripe_events::{Customer, PURCHASE_AMOUNT};
 
 /// One organization's events and the state it must end in.
 #[derive(Debug, Clone)]
@@ -19,8 +22,10 @@ pub struct Scenario {
     pub customer: Customer,
     /// Every event, in the order Stripe created them.
     pub events: Vec<Value>,
-    /// The derived state of the true final subscriptions.
+    /// The derived state of the true final subscriptions and purchases.
     pub expected: OrganizationState,
+    /// Each payment the organization must hold: (payment intent id, status, amount refunded).
+    pub payments: Vec<(String, &'static str, i64)>,
 }
 
 /// A subscription's true final state, for the derivation.
@@ -38,11 +43,34 @@ const PERIOD: i64 = 30 * 86_400;
 /// Builds a scenario's events and expected state for a customer and a start time.
 type Build = dyn Fn(&Customer, i64) -> (Vec<Value>, OrganizationState);
 
+/// Builds a purchase scenario's events, expected state and payments.
+type BuildPurchase = dyn Fn(
+    &Customer,
+    i64,
+) -> (
+    Vec<Value>,
+    OrganizationState,
+    Vec<(String, &'static str, i64)>,
+);
+
+/// Lifetime access granted (by any event: only `derive`'s result is compared).
+fn granted(at_seconds: i64) -> Lifetime {
+    Lifetime::Granted {
+        event_id: String::new(),
+        at: at(at_seconds).expect("valid time"),
+    }
+}
+
 fn at(seconds: i64) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp(seconds, 0)
 }
 
 fn expected(finals: &[Final<'_>], lifetime: bool) -> OrganizationState {
+    let lifetime = if lifetime { granted(0) } else { Lifetime::None };
+    expected_with(finals, &lifetime)
+}
+
+fn expected_with(finals: &[Final<'_>], lifetime: &Lifetime) -> OrganizationState {
     let states: Vec<SubscriptionState> = finals
         .iter()
         .map(|f| {
@@ -74,6 +102,7 @@ pub fn all(tag: &str, start: i64) -> Vec<Scenario> {
             customer,
             events,
             expected,
+            payments: Vec::new(),
         });
     };
     add("replacement", &|a, s| {
@@ -284,6 +313,139 @@ pub fn all(tag: &str, start: i64) -> Vec<Scenario> {
             events,
             expected(&[final_state(a, PlanStatus::Unpaid, pa)], false),
         )
+    });
+    let mut scenarios_with_payments = purchases(tag, start);
+    for scenario in &mut scenarios {
+        if scenario.name == "lifetime" {
+            let pi = format!("pi_{}_lifetime", scenario.customer.customer_id);
+            scenario.payments.push((pi, "succeeded", 0));
+        }
+    }
+    scenarios.append(&mut scenarios_with_payments);
+    scenarios
+}
+
+/// The one-time purchase scenarios: card, delayed methods succeeding and failing, payment
+/// intent events beside the checkout's, full and partial refunds, disputes won and lost, a
+/// refund beside an active subscription, and a second purchase that keeps access when the
+/// first is refunded.
+fn purchases(tag: &str, start: i64) -> Vec<Scenario> {
+    let mut scenarios = Vec::new();
+    let mut add = |name: &'static str, build: &BuildPurchase| {
+        let customer = Customer::new(&format!("{tag}_{name}"));
+        let (events, expected, payments) = build(&customer, start);
+        scenarios.push(Scenario {
+            name,
+            customer,
+            events,
+            expected,
+            payments,
+        });
+    };
+    const FULL: i64 = PURCHASE_AMOUNT;
+    add("card", &|a, s| {
+        let p = a.purchase("card");
+        let events = vec![p.completed("paid", s), p.intent_event(true, s)];
+        let payments = vec![(p.payment_intent_id(), "succeeded", 0)];
+        (events, expected_with(&[], &granted(s)), payments)
+    });
+    add("delayed_success", &|a, s| {
+        let p = a.purchase("sepa");
+        let events = vec![
+            p.completed("unpaid", s),
+            p.intent_event(true, s + 40),
+            p.settled(true, s + 40),
+        ];
+        let payments = vec![(p.payment_intent_id(), "succeeded", 0)];
+        (events, expected_with(&[], &granted(s + 40)), payments)
+    });
+    add("delayed_failure", &|a, s| {
+        let p = a.purchase("ach");
+        let events = vec![
+            p.completed("unpaid", s),
+            p.intent_event(false, s + 40),
+            p.settled(false, s + 41),
+        ];
+        let payments = vec![(p.payment_intent_id(), "failed", 0)];
+        (events, expected_with(&[], &Lifetime::None), payments)
+    });
+    add("refunded", &|a, s| {
+        let p = a.purchase("refunded");
+        let events = vec![
+            p.completed("paid", s),
+            p.refunded(5_000, s + 20),
+            p.refunded(FULL, s + 30),
+        ];
+        let payments = vec![(p.payment_intent_id(), "refunded", FULL)];
+        let revoked = Lifetime::Revoked {
+            at: at(s + 30).expect("valid time"),
+        };
+        (events, expected_with(&[], &revoked), payments)
+    });
+    add("partial_refund", &|a, s| {
+        let p = a.purchase("partial");
+        let events = vec![p.completed("paid", s), p.refunded(5_000, s + 20)];
+        let payments = vec![(p.payment_intent_id(), "partially_refunded", 5_000)];
+        (events, expected_with(&[], &granted(s)), payments)
+    });
+    add("dispute_lost", &|a, s| {
+        let p = a.purchase("lost");
+        let events = vec![
+            p.completed("paid", s),
+            p.dispute_event("needs_response", s + 20),
+            p.dispute_event("lost", s + 60),
+        ];
+        let payments = vec![(p.payment_intent_id(), "refunded", 0)];
+        let revoked = Lifetime::Revoked {
+            at: at(s + 60).expect("valid time"),
+        };
+        (events, expected_with(&[], &revoked), payments)
+    });
+    add("dispute_won", &|a, s| {
+        let p = a.purchase("won");
+        let events = vec![
+            p.completed("paid", s),
+            p.dispute_event("needs_response", s + 20),
+            p.dispute_event("won", s + 60),
+        ];
+        let payments = vec![(p.payment_intent_id(), "succeeded", 0)];
+        (events, expected_with(&[], &granted(s)), payments)
+    });
+    add("refund_beside_subscription", &|a, s| {
+        let pa = s + PERIOD;
+        let p = a.purchase("extra");
+        let events = vec![
+            a.checkout_event(s),
+            a.event(
+                "created",
+                "customer.subscription.created",
+                s + 1,
+                a.subscription("active", false, pa),
+            ),
+            p.completed("paid", s + 5),
+            p.refunded(FULL, s + 9),
+        ];
+        let payments = vec![(p.payment_intent_id(), "refunded", FULL)];
+        let revoked = Lifetime::Revoked {
+            at: at(s + 9).expect("valid time"),
+        };
+        let finals = [final_state(a, PlanStatus::Active, pa)];
+        (events, expected_with(&finals, &revoked), payments)
+    });
+    add("second_purchase", &|a, s| {
+        let first = a.purchase("first");
+        let second = a.purchase("second");
+        let events = vec![
+            first.completed("paid", s),
+            second.completed("unpaid", s + 10),
+            second.settled(true, s + 30),
+            first.refunded(FULL, s + 40),
+        ];
+        let payments = vec![
+            (first.payment_intent_id(), "refunded", FULL),
+            (second.payment_intent_id(), "succeeded", 0),
+        ];
+        (events, expected_with(&[], &granted(s + 30)), payments)
     });
     scenarios
 }

@@ -8,6 +8,12 @@ const EVENT: &str = include_str!("../fixtures/stripe/event.json");
 const SUBSCRIPTION: &str = include_str!("../fixtures/stripe/subscription.json");
 const INVOICE: &str = include_str!("../fixtures/stripe/invoice.json");
 const CHECKOUT_SESSION: &str = include_str!("../fixtures/stripe/checkout_session.json");
+const PAYMENT_INTENT: &str = include_str!("../fixtures/stripe/payment_intent.json");
+const CHARGE: &str = include_str!("../fixtures/stripe/charge.json");
+const REFUND: &str = include_str!("../fixtures/stripe/refund.json");
+
+/// The price of the one-time purchases the tests make, in cents.
+pub const PURCHASE_AMOUNT: i64 = 19_900;
 
 /// The API version the current-shape events claim.
 pub const CURRENT_API_VERSION: &str = "2026-09-30.endive";
@@ -69,6 +75,7 @@ impl Customer {
     pub fn lifetime_checkout_event(&self, created: i64) -> Value {
         let mut session = self.checkout_session("payment");
         session["id"] = json!(format!("cs_test_{}_lifetime", self.customer_id));
+        session["payment_intent"] = json!(format!("pi_{}_lifetime", self.customer_id));
         event(
             &format!("evt_{}_lifetime", self.customer_id),
             "checkout.session.completed",
@@ -104,6 +111,8 @@ impl Customer {
         } else {
             Value::Null
         };
+        // The fixture's payment intent id is one for every customer: each purchase sets its own.
+        session["payment_intent"] = Value::Null;
         session
     }
 
@@ -191,6 +200,211 @@ impl Customer {
             .remove("parent");
         invoice["subscription"] = json!(self.subscription_id);
         invoice
+    }
+}
+
+/// One one-time purchase of a customer: its checkout session, payment intent and charge,
+/// with ids `cs_test_<customer>_<name>`, `pi_<customer>_<name>`, `ch_<customer>_<name>`.
+#[derive(Debug, Clone)]
+pub struct Purchase {
+    /// Who buys.
+    pub customer: Customer,
+    /// Distinguishes several purchases of one customer.
+    pub name: String,
+}
+
+impl Purchase {
+    /// The `cs_…` id.
+    pub fn session_id(&self) -> String {
+        format!("cs_test_{}_{}", self.customer.customer_id, self.name)
+    }
+
+    /// The `pi_…` id.
+    pub fn payment_intent_id(&self) -> String {
+        format!("pi_{}_{}", self.customer.customer_id, self.name)
+    }
+
+    fn charge_id(&self) -> String {
+        format!("ch_{}_{}", self.customer.customer_id, self.name)
+    }
+
+    /// An event about this purchase, id `evt_<customer>_<name>_<what>`.
+    pub fn event(&self, what: &str, event_type: &str, created: i64, object: Value) -> Value {
+        event(
+            &format!("evt_{}_{}_{what}", self.customer.customer_id, self.name),
+            event_type,
+            created,
+            object,
+        )
+    }
+
+    /// The `payment`-mode checkout session, `payment_status` `paid` or `unpaid`.
+    pub fn session(&self, payment_status: &str) -> Value {
+        let mut session = self.customer.checkout_session("payment");
+        session["id"] = json!(self.session_id());
+        session["payment_status"] = json!(payment_status);
+        session["payment_intent"] = json!(self.payment_intent_id());
+        session["amount_total"] = json!(PURCHASE_AMOUNT);
+        session["amount_subtotal"] = json!(PURCHASE_AMOUNT);
+        session["currency"] = json!("eur");
+        session
+    }
+
+    /// `checkout.session.completed`, paid by card (`paid`) or by a delayed method (`unpaid`).
+    pub fn completed(&self, payment_status: &str, created: i64) -> Value {
+        self.event(
+            "completed",
+            "checkout.session.completed",
+            created,
+            self.session(payment_status),
+        )
+    }
+
+    /// `checkout.session.async_payment_succeeded` or `…_failed`.
+    pub fn settled(&self, succeeded: bool, created: i64) -> Value {
+        let (what, event_type, status) = if succeeded {
+            (
+                "async_succeeded",
+                "checkout.session.async_payment_succeeded",
+                "paid",
+            )
+        } else {
+            (
+                "async_failed",
+                "checkout.session.async_payment_failed",
+                "unpaid",
+            )
+        };
+        self.event(what, event_type, created, self.session(status))
+    }
+
+    /// `checkout.session.expired`.
+    pub fn expired(&self, created: i64) -> Value {
+        let mut session = self.session("unpaid");
+        session["status"] = json!("expired");
+        self.event("expired", "checkout.session.expired", created, session)
+    }
+
+    /// The payment intent, `status` as Stripe says (`succeeded`, `requires_payment_method`…).
+    pub fn payment_intent(&self, status: &str) -> Value {
+        let mut intent = fixture(PAYMENT_INTENT);
+        intent["id"] = json!(self.payment_intent_id());
+        intent["status"] = json!(status);
+        intent["amount"] = json!(PURCHASE_AMOUNT);
+        intent["amount_received"] = json!(if status == "succeeded" {
+            PURCHASE_AMOUNT
+        } else {
+            0
+        });
+        intent["currency"] = json!("eur");
+        intent["customer"] = json!(self.customer.customer_id);
+        intent["latest_charge"] = json!(self.charge_id());
+        intent["metadata"] = json!({ "organization_id": self.customer.organization_id });
+        if status != "requires_payment_method" {
+            intent["last_payment_error"] = Value::Null;
+        }
+        intent
+    }
+
+    /// `payment_intent.succeeded` or `payment_intent.payment_failed`.
+    pub fn intent_event(&self, succeeded: bool, created: i64) -> Value {
+        if succeeded {
+            self.event(
+                "pi_succeeded",
+                "payment_intent.succeeded",
+                created,
+                self.payment_intent("succeeded"),
+            )
+        } else {
+            self.event(
+                "pi_failed",
+                "payment_intent.payment_failed",
+                created,
+                self.payment_intent("requires_payment_method"),
+            )
+        }
+    }
+
+    /// The charge after `amount_refunded` cents were refunded (all of it: `refunded: true`),
+    /// with the refund inside. It names neither the customer nor the organization, as a
+    /// guest Checkout's charge does: only its payment intent ties it to the purchase.
+    pub fn charge(&self, amount_refunded: i64) -> Value {
+        let mut charge = fixture(CHARGE);
+        charge["id"] = json!(self.charge_id());
+        charge["amount"] = json!(PURCHASE_AMOUNT);
+        charge["amount_captured"] = json!(PURCHASE_AMOUNT);
+        charge["captured"] = json!(true);
+        charge["currency"] = json!("eur");
+        charge["payment_intent"] = json!(self.payment_intent_id());
+        charge["customer"] = Value::Null;
+        charge["metadata"] = json!({});
+        charge["amount_refunded"] = json!(amount_refunded);
+        charge["refunded"] = json!(amount_refunded >= PURCHASE_AMOUNT);
+        let mut refund = fixture(REFUND);
+        refund["id"] = json!(format!("re_{}_{amount_refunded}", self.charge_id()));
+        refund["amount"] = json!(amount_refunded);
+        refund["charge"] = json!(self.charge_id());
+        refund["payment_intent"] = json!(self.payment_intent_id());
+        refund["currency"] = json!("eur");
+        charge["refunds"] = json!({
+            "object": "list", "data": [refund], "has_more": false,
+            "url": format!("/v1/charges/{}/refunds", self.charge_id())
+        });
+        charge
+    }
+
+    /// `charge.refunded`, `amount_refunded` cents refunded in all so far.
+    pub fn refunded(&self, amount_refunded: i64, created: i64) -> Value {
+        self.event(
+            &format!("refunded_{amount_refunded}"),
+            "charge.refunded",
+            created,
+            self.charge(amount_refunded),
+        )
+    }
+
+    /// A dispute of the charge (Stripe publishes no dispute fixture here; these are the
+    /// fields of its API reference).
+    pub fn dispute(&self, status: &str) -> Value {
+        json!({
+            "id": format!("dp_{}", self.charge_id()),
+            "object": "dispute",
+            "amount": PURCHASE_AMOUNT,
+            "currency": "eur",
+            "charge": self.charge_id(),
+            "payment_intent": self.payment_intent_id(),
+            "reason": "fraudulent",
+            "status": status,
+            "is_charge_refundable": false,
+            "livemode": false,
+            "metadata": {},
+            "created": 1_234_567_890
+        })
+    }
+
+    /// `charge.dispute.created` (`needs_response`) or `charge.dispute.closed` (`won`/`lost`).
+    pub fn dispute_event(&self, status: &str, created: i64) -> Value {
+        let event_type = if status == "needs_response" {
+            "charge.dispute.created"
+        } else {
+            "charge.dispute.closed"
+        };
+        self.event(
+            &format!("dispute_{status}"),
+            event_type,
+            created,
+            self.dispute(status),
+        )
+    }
+}
+
+impl Customer {
+    /// A one-time purchase of this customer.
+    pub fn purchase(&self, name: &str) -> Purchase {
+        Purchase {
+            customer: self.clone(),
+            name: name.to_owned(),
+        }
     }
 }
 

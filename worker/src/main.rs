@@ -283,6 +283,7 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
                 retry: config.retry,
                 deferral_window: config.deferral_window,
             },
+            refunds: config.refunds,
         },
         emails,
     })

@@ -4,6 +4,7 @@ pub mod billing;
 pub mod billing_actions;
 pub mod enterprise;
 pub mod health;
+pub mod payments;
 pub mod webhooks;
 
 use axum::body::Bytes;

@@ -4,7 +4,9 @@
 //! State is kept per subscription ([`subscription`]): each subscription's newest snapshot wins
 //! for that subscription, whatever its organization's other subscriptions do. An
 //! organization's plan, status and access are then derived from all of its subscriptions and
-//! its lifetime purchase by one function ([`organization::derive`]).
+//! its lifetime purchase by one function ([`organization::derive`]). One-time purchases are
+//! kept per payment ([`payment`]), each with its own ordering markers; whether an
+//! organization holds lifetime access is derived from its payments.
 //!
 //! Ordering is decided on Stripe's `created` (whole seconds): a change from an event newer than
 //! the one behind a subscription's stored status applies, an older one is stale. Two events in
@@ -12,6 +14,7 @@
 //! deterministically by how far each status is along the subscription lifecycle.
 
 pub mod organization;
+pub mod payment;
 pub mod subscription;
 
 use chrono::{DateTime, Utc};

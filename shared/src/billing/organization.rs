@@ -5,9 +5,16 @@
 //! past_due, then the rest), the most recently started among equals; a lifetime purchase
 //! grants full access whatever the subscriptions say. The organization's stored columns are
 //! this function's result, written in the transaction that changed any of its inputs.
+//!
+//! The lifetime input comes from the organization's payments
+//! ([`super::payment::lifetime`]). When a lifetime grant is revoked (a full refund or a lost
+//! dispute) the subscriptions decide again; `ended_at` then says when access ended: the
+//! revocation when no subscription governs, or the later of the revocation and the governing
+//! subscription's end when that subscription grants no access.
 
 use chrono::{DateTime, Utc};
 
+use super::payment::Lifetime;
 use super::subscription::SubscriptionState;
 use super::{Access, LIFETIME_PLAN, PlanStatus, access};
 
@@ -41,20 +48,34 @@ impl OrganizationState {
 }
 
 /// Derives the organization's state from its subscriptions (blank ones are ignored) and
-/// whether it holds a lifetime purchase.
-pub fn derive(subscriptions: &[&SubscriptionState], lifetime: bool) -> OrganizationState {
-    if lifetime {
-        return OrganizationState {
-            plan: Some(LIFETIME_PLAN.to_owned()),
-            plan_status: PlanStatus::Active,
-            subscription_id: None,
-            cancel_at_period_end: false,
-            cancel_at: None,
-            current_period_end: None,
-            ended_at: None,
-            access_ends_at: None,
-        };
+/// its lifetime purchase.
+pub fn derive(subscriptions: &[&SubscriptionState], lifetime: &Lifetime) -> OrganizationState {
+    let revoked_at = match lifetime {
+        Lifetime::Granted { .. } => return lifetime_state(),
+        Lifetime::Revoked { at } => Some(*at),
+        Lifetime::None => None,
+    };
+    derive_from_subscriptions(subscriptions, revoked_at)
+}
+
+/// Lifetime access: plan `lifetime`, active, no subscription, no end.
+fn lifetime_state() -> OrganizationState {
+    OrganizationState {
+        plan: Some(LIFETIME_PLAN.to_owned()),
+        plan_status: PlanStatus::Active,
+        subscription_id: None,
+        cancel_at_period_end: false,
+        cancel_at: None,
+        current_period_end: None,
+        ended_at: None,
+        access_ends_at: None,
     }
+}
+
+fn derive_from_subscriptions(
+    subscriptions: &[&SubscriptionState],
+    revoked_at: Option<DateTime<Utc>>,
+) -> OrganizationState {
     let known: Vec<&SubscriptionState> = subscriptions
         .iter()
         .copied()
@@ -71,7 +92,7 @@ pub fn derive(subscriptions: &[&SubscriptionState], lifetime: bool) -> Organizat
             cancel_at_period_end: false,
             cancel_at: None,
             current_period_end: None,
-            ended_at: None,
+            ended_at: revoked_at,
             access_ends_at: None,
         };
     };
@@ -94,7 +115,10 @@ pub fn derive(subscriptions: &[&SubscriptionState], lifetime: bool) -> Organizat
         cancel_at_period_end: details.cancel_at_period_end,
         cancel_at: details.cancel_at,
         current_period_end: details.current_period_end,
-        ended_at: details.ended_at,
+        ended_at: match revoked_at {
+            Some(revoked) if granted == Access::Blocked => details.ended_at.max(Some(revoked)),
+            _ => details.ended_at,
+        },
         access_ends_at,
     }
 }
@@ -336,7 +360,15 @@ mod tests {
         ];
         for (name, subs, lifetime, governing, status, plan, ends) in cases {
             let refs: Vec<&SubscriptionState> = subs.iter().collect();
-            let state = derive(&refs, lifetime);
+            let lifetime = if lifetime {
+                Lifetime::Granted {
+                    event_id: "evt_lifetime".to_owned(),
+                    at: at(0),
+                }
+            } else {
+                Lifetime::None
+            };
+            let state = derive(&refs, &lifetime);
             assert_eq!(
                 (
                     state.subscription_id.as_deref(),
@@ -353,6 +385,26 @@ mod tests {
     #[test]
     fn blank_subscriptions_are_not_counted() {
         let blank = SubscriptionState::blank("a", "org", Option::None);
-        assert_eq!(derive(&[&blank], false).plan_status, None);
+        assert_eq!(derive(&[&blank], &Lifetime::None).plan_status, None);
+    }
+
+    #[test]
+    fn a_revoked_lifetime_leaves_the_subscriptions_to_decide_and_dates_the_end() {
+        let revoked = Lifetime::Revoked { at: at(40) };
+        let alone = derive(&[], &revoked);
+        assert_eq!(
+            (alone.plan_status, alone.plan, alone.ended_at),
+            (None, Option::None, Some(at(40)))
+        );
+        let active = sub("a", Active, "basic", 0);
+        let with_active = derive(&[&active], &revoked);
+        assert_eq!(
+            (with_active.plan_status, with_active.ended_at),
+            (Active, Option::None),
+            "an active subscription still grants access"
+        );
+        let mut canceled = sub("a", Canceled, "basic", 0);
+        canceled.snapshot.ended_at = Some(at(10));
+        assert_eq!(derive(&[&canceled], &revoked).ended_at, Some(at(40)));
     }
 }

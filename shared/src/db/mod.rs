@@ -6,6 +6,7 @@ pub mod billing_audit;
 pub mod email_outbox;
 pub mod enterprise_requests;
 pub mod organizations;
+pub mod payments;
 pub mod processed_events;
 pub mod reconciliation_runs;
 pub mod subscriptions;

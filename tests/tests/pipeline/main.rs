@@ -322,6 +322,7 @@ mod load;
 mod metrics;
 mod operators;
 mod ordering;
+mod payments;
 mod reconcile;
 mod recovery;
 mod redis_eviction;

@@ -119,9 +119,11 @@ async fn random_order_duplicated_concurrent_delivery_ends_in_the_newest_events_s
 
 /// Several subscriptions per organization (replacement, upgrade by a new subscription, lifetime
 /// then the old one deleted, a second one expiring incomplete), trial starts with same-second
-/// invoices, portal cancellations and repeated failures on `unpaid`: each event delivered 1–3
-/// times, all shuffled, to two workers at once. Every organization ends in the state the
-/// derivation gives for its true final subscriptions.
+/// invoices, portal cancellations and repeated failures on `unpaid`, and one-time purchases
+/// (card, delayed methods succeeding and failing, refunds full and partial, disputes lost and
+/// won, refunds arriving before their checkout): each event delivered 1–3 times, all
+/// shuffled, to two workers at once. Every organization ends in the state the derivation
+/// gives for its true final subscriptions and purchases, with the right payment rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_delivery_of_several_subscriptions_ends_in_the_derived_state() {
     let (seed, mut rng) = delivery_rng();
@@ -182,6 +184,34 @@ async fn random_delivery_of_several_subscriptions_ends_in_the_derived_state() {
             "seed {seed}: {}: {body}",
             scenario.name
         );
+        let path = format!(
+            "/v1/organizations/{}/payments",
+            scenario.customer.organization_id
+        );
+        let (_, listed) = p.client.internal_get(&path, true).await;
+        let mut got: Vec<(String, String, i64)> = listed["payments"]
+            .as_array()
+            .expect("payments")
+            .iter()
+            .map(|pay| {
+                (
+                    pay["payment_intent_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    pay["status"].as_str().unwrap_or_default().to_owned(),
+                    pay["amount_refunded"].as_i64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        got.sort();
+        let mut want: Vec<(String, String, i64)> = scenario
+            .payments
+            .iter()
+            .map(|(id, status, refunded)| (id.clone(), (*status).to_owned(), *refunded))
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "seed {seed}: {}: {listed}", scenario.name);
     }
     let finals = p.final_decisions().await;
     assert_eq!(finals.len() as i64, total_events, "seed {seed}");

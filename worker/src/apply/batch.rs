@@ -1,14 +1,17 @@
-//! The rows one apply transaction works on: the organizations and subscriptions its events
-//! concern, locked for the whole transaction and changed in memory, then written back, the
-//! changed ones only, a statement per table.
+//! The rows one apply transaction works on: the organizations, subscriptions and payments its
+//! events concern, locked for the whole transaction and changed in memory, then written back,
+//! the changed ones only, a statement per table.
 //!
-//! Lock order, the same in every transaction: customer-link locks, organization rows,
-//! subscription rows, each kind in sorted order, so concurrent batches never deadlock.
+//! Lock order, the same in every transaction: customer-link locks, payment-key locks,
+//! organization rows, subscription rows, payment rows, each kind in sorted order, so
+//! concurrent batches never deadlock. The payments of every locked organization are locked
+//! too: its lifetime access is derived from them whenever it is derived again.
 
 use shared::billing::organization;
+use shared::billing::payment::{self, Lifetime, PaymentFacts, PaymentState, RefundPolicy};
 use shared::billing::subscription::{Stamp, SubscriptionState};
 use shared::db::organizations::{self, Organization};
-use shared::db::subscriptions;
+use shared::db::{payments, subscriptions};
 use shared::stripe::Interpretation as Facts;
 use sqlx::{Postgres, Transaction};
 
@@ -18,15 +21,21 @@ pub(crate) struct Locked {
     orgs_changed: Vec<bool>,
     subscriptions: Vec<SubscriptionState>,
     subscriptions_changed: Vec<bool>,
+    payments: Vec<PaymentState>,
+    payments_changed: Vec<bool>,
+    refunds: RefundPolicy,
 }
 
 impl Locked {
-    /// Locks the customer links the events name, creates the organizations they name, locks
-    /// those and the ones linked to their customers, then the subscriptions of all of them
-    /// and the ones the events name.
+    /// Locks the customer links and payment keys the events name, creates the organizations
+    /// they name, locks those, the ones linked to their customers and the ones owning their
+    /// payments, then the subscriptions of all of them and the ones the events name, then
+    /// their payments and the ones the events name. `refunds` decides whether a refunded
+    /// purchase still grants lifetime access.
     pub(crate) async fn take(
         tx: &mut Transaction<'static, Postgres>,
         facts: &[&Facts],
+        refunds: RefundPolicy,
     ) -> Result<Locked, sqlx::Error> {
         let sorted = |field: fn(&Facts) -> Option<&str>| -> Vec<&str> {
             let mut values: Vec<&str> = facts.iter().filter_map(|f| field(f)).collect();
@@ -37,29 +46,104 @@ impl Locked {
         let customers = sorted(|f| f.customer_id.as_deref());
         let ids = sorted(|f| f.organization_id.as_deref());
         let subscription_ids = sorted(|f| f.change.as_ref()?.subscription_id());
+        let mut payment_keys: Vec<&str> = facts
+            .iter()
+            .filter_map(|f| f.change.as_ref()?.payment())
+            .flat_map(|p| {
+                [
+                    p.checkout_session_id.as_deref(),
+                    p.payment_intent_id.as_deref(),
+                ]
+            })
+            .flatten()
+            .collect();
+        payment_keys.sort_unstable();
+        payment_keys.dedup();
         if !customers.is_empty() {
             organizations::lock_customer_links(&mut **tx, &customers).await?;
+        }
+        let mut owners = Vec::new();
+        if !payment_keys.is_empty() {
+            payments::lock_keys(&mut **tx, &payment_keys).await?;
+            // Stable from here: every writer of these payments holds their key locks.
+            owners = payments::owners(&mut **tx, &payment_keys).await?;
         }
         if !ids.is_empty() {
             organizations::ensure_exist(&mut **tx, &ids).await?;
         }
-        let orgs = if ids.is_empty() && customers.is_empty() {
+        let mut lock_ids: Vec<&str> = ids
+            .iter()
+            .copied()
+            .chain(owners.iter().map(String::as_str))
+            .collect();
+        lock_ids.sort_unstable();
+        lock_ids.dedup();
+        let orgs = if lock_ids.is_empty() && customers.is_empty() {
             Vec::new()
         } else {
-            organizations::lock(&mut **tx, &ids, &customers).await?
+            organizations::lock(&mut **tx, &lock_ids, &customers).await?
         };
         let org_ids: Vec<&str> = orgs.iter().map(|o| o.id.as_str()).collect();
-        let subscriptions = if subscription_ids.is_empty() {
+        // A payment event derives its organization again too, and a revoked lifetime grant
+        // leaves the subscriptions to decide.
+        let subscriptions = if subscription_ids.is_empty() && payment_keys.is_empty() {
             Vec::new()
         } else {
             subscriptions::lock(&mut **tx, &org_ids, &subscription_ids).await?
+        };
+        let payments = if org_ids.is_empty() && payment_keys.is_empty() {
+            Vec::new()
+        } else {
+            payments::lock(&mut **tx, &org_ids, &payment_keys).await?
         };
         Ok(Locked {
             orgs_changed: vec![false; orgs.len()],
             orgs,
             subscriptions_changed: vec![false; subscriptions.len()],
             subscriptions,
+            payments_changed: vec![false; payments.len()],
+            payments,
+            refunds,
         })
+    }
+
+    /// The stored payment an event's facts are about (by either of its ids).
+    pub(crate) fn payment(&self, facts: &PaymentFacts) -> Option<&PaymentState> {
+        let names = |p: &PaymentState, id: &Option<String>| {
+            id.as_ref().is_some_and(|id| {
+                p.id == *id
+                    || p.payment_intent_id.as_ref() == Some(id)
+                    || p.checkout_session_id.as_ref() == Some(id)
+            })
+        };
+        self.payments
+            .iter()
+            .find(|p| names(p, &facts.payment_intent_id) || names(p, &facts.checkout_session_id))
+    }
+
+    /// Replaces (or adds) a payment's state.
+    pub(crate) fn put_payment(&mut self, next: PaymentState) {
+        match self.payments.iter().position(|p| p.id == next.id) {
+            Some(at) => {
+                self.payments[at] = next;
+                self.payments_changed[at] = true;
+            }
+            None => {
+                self.payments.push(next);
+                self.payments_changed.push(true);
+            }
+        }
+    }
+
+    /// The lifetime access the organization's payments give.
+    pub(crate) fn lifetime(&self, at: usize) -> Lifetime {
+        let org = &self.orgs[at];
+        let own: Vec<&PaymentState> = self
+            .payments
+            .iter()
+            .filter(|p| p.organization_id.as_ref() == Some(&org.id))
+            .collect();
+        payment::lifetime(&own, self.refunds)
     }
 
     pub(crate) fn find(&self, matches: impl Fn(&Organization) -> bool) -> Option<usize> {
@@ -91,17 +175,28 @@ impl Locked {
         }
     }
 
-    /// Derives the organization's state again from its subscriptions and lifetime purchase;
-    /// returns whether it changed.
+    /// Derives the organization's state again from its subscriptions and payments, and keeps
+    /// `lifetime_event_id` / `lifetime_granted_at` on the granting payment (cleared when no
+    /// payment grants lifetime access); returns whether anything changed.
     pub(crate) fn rederive(&mut self, at: usize, event: Stamp<'_>) -> bool {
+        let lifetime = self.lifetime(at);
         let org = &self.orgs[at];
         let own: Vec<&SubscriptionState> = self
             .subscriptions
             .iter()
             .filter(|s| s.organization_id == org.id)
             .collect();
-        let state = organization::derive(&own, org.has_lifetime());
-        let changed = self.orgs[at].set_derived(state, event);
+        let state = organization::derive(&own, &lifetime);
+        let (event_id, granted_at) = match lifetime {
+            Lifetime::Granted { event_id, at } => (Some(event_id), Some(at)),
+            Lifetime::Revoked { .. } | Lifetime::None => (None, None),
+        };
+        let org = &mut self.orgs[at];
+        let mut changed =
+            org.lifetime_event_id != event_id || org.lifetime_granted_at != granted_at;
+        org.lifetime_event_id = event_id;
+        org.lifetime_granted_at = granted_at;
+        changed |= org.set_derived(state, event);
         self.orgs_changed[at] |= changed;
         changed
     }
@@ -122,6 +217,13 @@ impl Locked {
                 .collect();
         if !subs.is_empty() {
             subscriptions::save(&mut **tx, &subs).await?;
+        }
+        let pays: Vec<&PaymentState> = changed(&self.payments, &self.payments_changed)
+            .into_iter()
+            .filter(|p| !p.is_blank())
+            .collect();
+        if !pays.is_empty() {
+            payments::save(&mut **tx, &pays).await?;
         }
         Ok(())
     }

@@ -1,9 +1,16 @@
 //! Deciding one event on the batch's locked rows, in memory and without I/O: resolve the
-//! organization, record the customer link, rule on the subscription the event is about
-//! (`shared::billing::subscription`), and derive the organization's state again.
+//! organization, record the customer link, rule on the subscription or payment the event is
+//! about (`shared::billing::subscription`, `shared::billing::payment`), and derive the
+//! organization's state again.
+//!
+//! A payment event whose organization cannot be resolved (no metadata, no linked customer, no
+//! stored payment naming one: a refund delivered before its checkout) is not deferred: its
+//! facts are kept on the payment's row, without an organization, and the checkout that
+//! completes later claims the row and derives the organization from everything known.
 
 use std::collections::HashMap;
 
+use shared::billing::payment::{self, PaymentFacts, PaymentState, PaymentStatus};
 use shared::billing::subscription::{self, Settled, Snapshot, Stamp, SubscriptionState};
 use shared::billing::{Precedence, precedence};
 use shared::db::billing_audit::Decision;
@@ -28,6 +35,8 @@ pub(super) struct Verdict {
     /// The event ties its subscription's status and the Stripe API can settle it: it is left
     /// undecided in this transaction, applied again once the subscription is fetched.
     pub(super) refetch: Option<String>,
+    /// The payment's new status, when the event changed it (counted after commit).
+    pub(super) payment_status: Option<PaymentStatus>,
 }
 
 impl Verdict {
@@ -42,6 +51,7 @@ impl Verdict {
             waiting_for_customer: None,
             linked_customer: None,
             refetch: None,
+            payment_status: None,
         }
     }
 }
@@ -64,13 +74,36 @@ pub(super) fn decide(
     facts: Facts,
     ties: &Ties<'_>,
 ) -> Result<Verdict, ApplyError> {
+    let payment_facts = facts.change.as_ref().and_then(|c| c.payment());
+    // The organization of the stored payment, the last way to resolve a payment event.
+    let payment_owner = payment_facts
+        .and_then(|p| locked.payment(p))
+        .and_then(|p| p.organization_id.clone());
+    let by_owner = |locked: &Locked| -> Result<Option<usize>, ApplyError> {
+        match &payment_owner {
+            Some(owner) => match locked.find(|org| &org.id == owner) {
+                Some(at) => Ok(Some(at)),
+                // Its row was claimed after this transaction locked the organizations.
+                None => Err(ApplyError::PaymentMoved(owner.clone())),
+            },
+            None => Ok(None),
+        }
+    };
     let at = match (&facts.organization_id, &facts.customer_id) {
         (Some(id), _) => locked.find(|org| &org.id == id),
         (None, Some(customer)) => {
-            locked.find(|org| org.stripe_customer_id.as_ref() == Some(customer))
+            match locked.find(|org| org.stripe_customer_id.as_ref() == Some(customer)) {
+                Some(at) => Some(at),
+                None => by_owner(locked)?,
+            }
         }
-        (None, None) => None,
+        (None, None) => by_owner(locked)?,
     };
+    if at.is_none()
+        && let Some(payment_facts) = payment_facts
+    {
+        return Ok(keep_unowned_payment(locked, stored, payment_facts));
+    }
     let Some(at) = at else {
         return Ok(match facts.customer_id {
             Some(customer) => Verdict {
@@ -108,21 +141,17 @@ pub(super) fn decide(
                 None => "nothing to change".to_owned(),
             }),
         ),
-        Some(BillingChange::LifetimePurchase) => match &org.lifetime_event_id {
-            Some(granted_by) => (
-                Decision::Ignored,
-                Some(format!(
-                    "lifetime access was already granted by {granted_by}"
-                )),
-            ),
-            None => {
-                let org = locked.edit(at);
-                org.lifetime_event_id = Some(stored.id.clone());
-                org.lifetime_granted_at = Some(stored.stripe_created);
-                locked.rederive(at, stamp(stored));
-                (Decision::Applied, None)
-            }
-        },
+        Some(BillingChange::Payment(payment_facts)) => {
+            let (decision, detail, status) = apply_payment(
+                locked,
+                at,
+                stored,
+                &payment_facts,
+                facts.customer_id.as_deref(),
+            )?;
+            verdict.payment_status = status;
+            (decision, Some(detail))
+        }
         Some(BillingChange::Subscription {
             subscription_id,
             change,
@@ -171,6 +200,123 @@ pub(super) fn decide(
     verdict.detail = detail;
     verdict.status_after = Some(locked.orgs[at].plan_status);
     Ok(verdict)
+}
+
+/// Rules on a payment event of the organization at `at`: the payment's new state, the
+/// organization derived again (lifetime granted or revoked by its payments), and the words
+/// for the audit row.
+fn apply_payment(
+    locked: &mut Locked,
+    at: usize,
+    stored: &StoredEvent,
+    facts: &PaymentFacts,
+    customer_id: Option<&str>,
+) -> Result<(Decision, String, Option<PaymentStatus>), ApplyError> {
+    let org_id = locked.orgs[at].id.clone();
+    let current = current_payment(locked, facts);
+    let ruling = payment::rule(&current, facts, stamp(stored));
+    let mut next = ruling.next.clone();
+    if next.is_none() && !current.is_blank() && current.organization_id.is_none() {
+        // Nothing new about the payment itself, but it now has its organization.
+        next = Some(current.clone());
+    }
+    let owner_at = match current.organization_id.as_ref() {
+        Some(owner) => locked
+            .find(|org| &org.id == owner)
+            .ok_or_else(|| ApplyError::PaymentMoved(owner.clone()))?,
+        None => at,
+    };
+    let granted_before = locked.lifetime(owner_at).is_granted();
+    let mut status = None;
+    if let Some(mut next) = next {
+        // A payment belongs to the first organization named for it.
+        if next.organization_id.is_none() {
+            next.organization_id = Some(org_id.clone());
+        }
+        if next.customer_id.is_none() {
+            next.customer_id = customer_id.map(str::to_owned);
+        }
+        if next.status != current.status || current.is_blank() {
+            status = Some(next.status);
+        }
+        locked.put_payment(next);
+        locked.rederive(owner_at, stamp(stored));
+    }
+    let payment = locked
+        .payment(facts)
+        .cloned()
+        .unwrap_or_else(|| current.clone());
+    let granted_after = locked.lifetime(owner_at).is_granted();
+    let mut detail = format!("payment {} {}", payment.id, payment.status);
+    if let Some(reason) = ruling.reason {
+        detail = format!("{detail}: {reason}");
+    }
+    if granted_before && !granted_after {
+        detail = format!(
+            "{detail}; lifetime access revoked ({})",
+            if payment.dispute_status == Some(payment::DisputeStatus::Lost) {
+                "dispute lost"
+            } else {
+                "fully refunded"
+            }
+        );
+    } else if !granted_before && granted_after {
+        detail = format!("{detail}; lifetime access granted");
+    } else if granted_after && ruling.next.is_some() && payment.status == PaymentStatus::Refunded {
+        detail = format!(
+            "{detail}; lifetime access kept (another purchase grants it, or \
+             REFUND_REVOKES_ACCESS=false)"
+        );
+    }
+    let decision = match ruling.settled {
+        payment::Settled::Applied => Decision::Applied,
+        payment::Settled::Stale => Decision::Stale,
+        payment::Settled::Tie => Decision::Tie,
+        payment::Settled::NoChange => Decision::Ignored,
+    };
+    Ok((decision, detail, status))
+}
+
+/// The stored payment the facts name, or a blank one keyed by their payment intent id (else
+/// checkout session id).
+fn current_payment(locked: &Locked, facts: &PaymentFacts) -> PaymentState {
+    locked
+        .payment(facts)
+        .cloned()
+        .unwrap_or_else(|| PaymentState::blank(facts.key().unwrap_or_default()))
+}
+
+/// A payment event no organization can be found for: its facts are kept on the payment's row
+/// (no organization yet), for the checkout that will claim it.
+fn keep_unowned_payment(
+    locked: &mut Locked,
+    stored: &StoredEvent,
+    facts: &PaymentFacts,
+) -> Verdict {
+    let current = current_payment(locked, facts);
+    let ruling = payment::rule(&current, facts, stamp(stored));
+    let decision = match (ruling.settled, &ruling.next) {
+        (payment::Settled::Stale, _) => Decision::Stale,
+        (_, None) => Decision::Ignored,
+        (payment::Settled::Tie, Some(_)) => Decision::Tie,
+        (_, Some(_)) => Decision::Applied,
+    };
+    let mut verdict = Verdict::bare(decision, "");
+    let id = current.id.clone();
+    verdict.detail = Some(match (ruling.next, ruling.reason) {
+        (Some(next), _) => {
+            verdict.payment_status = Some(next.status);
+            let detail = format!(
+                "payment {id} {}: kept without an organization until its checkout names one",
+                next.status
+            );
+            locked.put_payment(next);
+            detail
+        }
+        (None, Some(reason)) => format!("payment {id}: {reason}"),
+        (None, None) => format!("payment {id}: nothing to change"),
+    });
+    verdict
 }
 
 fn stamp(stored: &StoredEvent) -> Stamp<'_> {

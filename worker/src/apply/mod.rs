@@ -1,15 +1,16 @@
 //! Applying stored events, a batch of them in ONE Postgres transaction (a batch of one for an
 //! operator's replay): claim the events in `processed_events` (already there → `duplicate`,
-//! nothing else happens), lock the customer links, organization rows and subscription rows
-//! they concern ([`batch`]), decide each event in turn with the rules of `shared::billing` on
+//! nothing else happens), lock the customer links, organization rows, subscription rows and
+//! payment rows they concern ([`batch`]), decide each event in turn with the rules of `shared::billing` on
 //! those rows in memory ([`decide`]), then write the changed subscriptions and organizations,
 //! the inbox statuses and the audit rows, a statement each. Either
 //! all of it commits or none of it does, so a crash anywhere leaves the events to be applied
 //! again by the next delivery of their jobs. About ten round trips per batch, whatever its
 //! size: that is what lets one worker apply thousands of events a second.
 //!
-//! Lock order is always `processed_events` rows, then customer-link locks, then organization
-//! rows, then subscription rows, each kind in sorted order, so two batches never deadlock;
+//! Lock order is always `processed_events` rows, then customer-link locks, then payment-key
+//! locks, then organization rows, then subscription rows, then payment rows, each kind in
+//! sorted order, so two batches never deadlock;
 //! two events of one organization (or one customer) are applied one after the other. No
 //! Stripe API call is made while a transaction is open (see [`apply_events`]).
 
@@ -18,11 +19,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use shared::billing::PlanStatus;
+use shared::billing::payment::RefundPolicy;
 use shared::billing::subscription::SubscriptionChange;
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::db::webhook_events::StoredEvent;
 use shared::db::{processed_events, webhook_events};
-use shared::metrics::UNMAPPED_PRICES;
+use shared::metrics::{PAYMENTS, UNMAPPED_PRICES};
 use shared::queue::EventQueue;
 use shared::retry::Backoff;
 use shared::stripe::{self, BillingChange, Event, Interpretation as Facts, PlanMapping};
@@ -48,6 +50,9 @@ pub struct Deps {
     pub queue: EventQueue,
     /// Retry and deferral limits.
     pub policy: Policy,
+    /// `REFUND_REVOKES_ACCESS`: whether a full refund or a lost dispute revokes lifetime
+    /// access.
+    pub refunds: RefundPolicy,
 }
 
 /// When to try again and when to give up.
@@ -100,6 +105,10 @@ pub enum ApplyError {
     /// A same-second tie was refetched, but the subscription's status moved on meanwhile.
     #[error("subscription {0} changed while its tie was refetched; retried")]
     TieMoved(String),
+    /// A payment's row was claimed by an organization this transaction had not locked (a
+    /// concurrent checkout); retried.
+    #[error("payment claimed by organization {0} meanwhile; retried")]
+    PaymentMoved(String),
 }
 
 impl From<StripeApiError> for ApplyError {
@@ -112,7 +121,10 @@ impl ApplyError {
     /// Retrying later may succeed (database or network trouble); otherwise it never will.
     pub fn is_transient(&self) -> bool {
         match self {
-            ApplyError::Database(_) | ApplyError::Stopped | ApplyError::TieMoved(_) => true,
+            ApplyError::Database(_)
+            | ApplyError::Stopped
+            | ApplyError::TieMoved(_)
+            | ApplyError::PaymentMoved(_) => true,
             ApplyError::StripeApi(e) => e.is_transient(),
             ApplyError::UnknownEvent(_) | ApplyError::CustomerConflict { .. } => false,
         }
@@ -284,7 +296,7 @@ async fn apply_once(
         .iter()
         .filter_map(|(_, _, r)| r.as_ref().ok())
         .collect();
-    let mut locked = Locked::take(&mut tx, &facts).await?;
+    let mut locked = Locked::take(&mut tx, &facts, deps.refunds).await?;
     let ties = Ties {
         can_refetch: deps.stripe.is_some(),
         refetched,
@@ -308,6 +320,11 @@ async fn apply_once(
     } else {
         tx.commit().await?;
         enqueue_released(&deps.queue, &released).await;
+        for (_, _, verdict) in &settled {
+            if let Some(status) = verdict.payment_status {
+                metrics::counter!(PAYMENTS, "status" => status.as_str()).increment(1);
+            }
+        }
     }
 
     let mut passes: Vec<Option<Pass>> = (0..event_ids.len()).map(|_| None).collect();

@@ -30,6 +30,9 @@ pub struct BackfillReport {
     pub dry_run: bool,
 }
 
+/// The most `types[]` one `GET /v1/events` takes.
+const MAX_LISTED_TYPES: usize = 20;
+
 /// Lists events created at or after `since` of `types` (every type the rules handle when
 /// empty), stores those the inbox lacks and enqueues them. A push that fails is left to the
 /// sweeper.
@@ -51,7 +54,12 @@ pub async fn backfill(
         ("created[gte]", since.timestamp().to_string()),
         ("limit", "100".to_owned()),
     ];
-    query.extend(types.into_iter().map(|t| ("types[]", t)));
+    // Stripe takes at most 20 `types[]`; with more, every event is listed and the others
+    // are skipped here.
+    let filter_here = types.len() > MAX_LISTED_TYPES;
+    if !filter_here {
+        query.extend(types.iter().map(|t| ("types[]", t.clone())));
+    }
     let mut report = BackfillReport {
         dry_run,
         ..BackfillReport::default()
@@ -74,8 +82,11 @@ pub async fn backfill(
                 }
             }
         }
-        store(reconciler, &events, &mut report).await?;
         cursor = events.last().map(|(e, _)| e.id.clone());
+        if filter_here {
+            events.retain(|(e, _)| types.contains(&e.event_type));
+        }
+        store(reconciler, &events, &mut report).await?;
         if progress {
             eprint!(
                 "\rbackfill: {} listed, {} already stored, {} new",

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use shared::billing::PlanStatus;
+use shared::billing::payment::RefundPolicy;
 use shared::billing::subscription::{Snapshot, Stamp, SubscriptionChange, SubscriptionState};
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::stripe::{BillingChange, Interpretation};
@@ -110,7 +111,11 @@ pub async fn heal(pool: &PgPool, run_id: i64, target: &Target<'_>) -> Result<Hea
         }),
     };
     let mut tx = pool.begin().await?;
-    let mut locked = Locked::take(&mut tx, &[&facts]).await?;
+    // The default refund policy gives the same result as the configured one here: an
+    // organization whose purchases grant lifetime access under the configured policy has
+    // `lifetime_event_id` set and is left alone below; one that has none holds no purchase
+    // that would grant (or have granted and lost) access under either policy.
+    let mut locked = Locked::take(&mut tx, &[&facts], RefundPolicy::default()).await?;
     let Some(at) = locked.find(|org| org.id == target.organization_id) else {
         return Ok(Healed::Skipped("the organization could not be locked"));
     };
