@@ -190,8 +190,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let field = match &self {
-            ApiError::InvalidField(e) => Some(e.field),
-            ApiError::InvalidPayload(e) => Some(e.field()),
+            ApiError::InvalidField(e) => Some(e.field.to_string()),
+            ApiError::InvalidPayload(e) => Some(e.field().to_owned()),
             _ => None,
         };
         let message = if let ApiError::Overloaded = self {

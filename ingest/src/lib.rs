@@ -52,6 +52,8 @@ pub struct Inner {
     pub large_body_checks: tokio::sync::Semaphore,
     /// The billing actions and their limits.
     pub actions: routes::billing_actions::ActionGate,
+    /// The usage records' group commit; `None` without `USAGE_METERS`.
+    pub usage: Option<routes::usage::UsageWriter>,
 }
 
 impl AppState {
@@ -77,6 +79,9 @@ pub fn router(state: AppState) -> Router {
     let enterprise_gate = state
         .body_budget
         .gate(routes::enterprise::BODY_LIMIT_BYTES, Route::Other);
+    let usage_gate = state
+        .body_budget
+        .gate(routes::usage::BODY_LIMIT_BYTES, Route::Other);
     let actions_gate = state
         .body_budget
         .gate(routes::billing_actions::BODY_LIMIT_BYTES, Route::Other);
@@ -112,6 +117,13 @@ pub fn router(state: AppState) -> Router {
                     routes::billing_actions::BODY_LIMIT_BYTES,
                 ))
                 .layer(from_fn_with_state(actions_gate, hold_body)),
+        )
+        .route(
+            "/v1/organizations/{organization_id}/usage",
+            post(routes::usage::record)
+                .get(routes::usage::totals)
+                .layer(DefaultBodyLimit::max(routes::usage::BODY_LIMIT_BYTES))
+                .layer(from_fn_with_state(usage_gate, hold_body)),
         )
         .route(
             "/v1/organizations/{organization_id}/payments",

@@ -63,6 +63,9 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    let usage = (!config.usage.meters.is_empty()).then(|| {
+        ingest::routes::usage::UsageWriter::start(pool.clone(), config.usage.meters.clone())
+    });
     let state = ingest::AppState::new(ingest::Inner {
         pool,
         batcher,
@@ -76,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
             config.limits.body_timeout,
         ),
         large_body_checks: tokio::sync::Semaphore::new(1),
+        usage,
         actions: ingest::routes::billing_actions::ActionGate {
             actions,
             slots: tokio::sync::Semaphore::new(actions_config.concurrency),

@@ -10,8 +10,10 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 mod stripe;
+mod usage;
 
 pub use self::stripe::{BillingActionsConfig, EVENT_RETENTION, ReconcileConfig, StripeApiConfig};
+pub use self::usage::UsageConfig;
 use crate::billing::payment::RefundPolicy;
 use crate::email_address;
 use crate::retry::Backoff;
@@ -303,6 +305,8 @@ pub struct IngestConfig {
     pub limits: IngestLimits,
     /// The billing-action routes.
     pub billing_actions: BillingActionsConfig,
+    /// The usage routes (`USAGE_METERS`).
+    pub usage: UsageConfig,
     /// `LOG_FORMAT`, `text` (default) or `json`.
     pub log_format: LogFormat,
 }
@@ -331,6 +335,7 @@ impl IngestConfig {
             body_limit_bytes,
             limits: IngestLimits::load(source, body_limit_bytes)?,
             billing_actions: BillingActionsConfig::load(source)?,
+            usage: UsageConfig::load(source)?,
             log_format: source.parsed("LOG_FORMAT", LogFormat::Text)?,
         })
     }
@@ -385,6 +390,8 @@ pub struct WorkerConfig {
     pub stripe: StripeApiConfig,
     /// The nightly backfill and reconciliation.
     pub reconcile: ReconcileConfig,
+    /// The usage reporter (`USAGE_METERS`, `USAGE_REPORT_INTERVAL`).
+    pub usage: UsageConfig,
     /// `METRICS_ADDR`, default `0.0.0.0:9101`.
     pub metrics_addr: SocketAddr,
     /// `WORKER_CONCURRENCY`: event jobs in flight per process, default 128. They wait for
@@ -465,6 +472,7 @@ impl WorkerConfig {
             plans: source.plans()?,
             stripe: StripeApiConfig::load(source)?,
             reconcile: ReconcileConfig::load(source)?,
+            usage: UsageConfig::load(source)?,
             metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
             concurrency,
             apply_batch_size: source.positive("APPLY_BATCH_SIZE", 32)? as usize,

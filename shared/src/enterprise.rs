@@ -44,16 +44,21 @@ pub struct EnterpriseRequestInput {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field} {message}")]
 pub struct FieldError {
-    /// The field's name in the body (or the header's name).
-    pub field: &'static str,
+    /// The field's name in the body (or the header's name), e.g. `member_count` or
+    /// `records[3].value`.
+    pub field: std::borrow::Cow<'static, str>,
     /// What is wrong, starting lower-case so it reads after the field's name.
     pub message: String,
 }
 
 impl FieldError {
-    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> FieldError {
+    /// A field's error.
+    pub fn new(
+        field: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> FieldError {
         FieldError {
-            field,
+            field: field.into(),
             message: message.into(),
         }
     }
@@ -302,7 +307,10 @@ mod tests {
 
     fn field_error(value: &Value) -> (&'static str, String) {
         match parse(value) {
-            Err(InputError::Field(e)) => (e.field, e.message),
+            Err(InputError::Field(FieldError {
+                field: std::borrow::Cow::Borrowed(field),
+                message,
+            })) => (field, message),
             other => panic!("expected a field error for {value}, got {other:?}"),
         }
     }
@@ -441,8 +449,8 @@ mod tests {
         assert_eq!(check_idempotency_key("req-2026-11-21/abc_DEF"), Ok(()));
         for bad in ["", "has space", "tab\tkey", "ключ"] {
             assert_eq!(
-                check_idempotency_key(bad).map_err(|e| e.field),
-                Err("Idempotency-Key"),
+                check_idempotency_key(bad).map_err(|e| e.field.into_owned()),
+                Err("Idempotency-Key".to_owned()),
                 "{bad:?}"
             );
         }

@@ -17,3 +17,4 @@ pub mod signature;
 pub mod stripe;
 pub mod stripe_api;
 pub mod telemetry;
+pub mod usage;

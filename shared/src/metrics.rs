@@ -50,6 +50,18 @@ pub const EVENTS_BACKFILLED: &str = "billing_events_backfilled_total";
 /// and `outcome` (`created`, `invalid`, `conflict`, `not_found`, `stripe_error`,
 /// `unavailable`, `not_configured`).
 pub const BILLING_ACTIONS: &str = "billing_actions_total";
+/// Usage records accepted (stored) by ingest.
+pub const USAGE_ACCEPTED: &str = "billing_usage_records_accepted_total";
+/// Usage records posted again (same organization, meter and identifier): not counted twice.
+pub const USAGE_DUPLICATES: &str = "billing_usage_duplicates_total";
+/// Usage records not reported to Stripe yet, refreshed by the reporter.
+pub const USAGE_PENDING: &str = "billing_usage_pending_records";
+/// Age in seconds of the oldest usage record not reported yet (0 when none).
+pub const USAGE_OLDEST_PENDING: &str = "billing_usage_oldest_pending_seconds";
+/// Usage records reported to Stripe (their meter event was accepted).
+pub const USAGE_REPORTED: &str = "billing_usage_records_reported_total";
+/// Meter events sent by `outcome` (`sent`, `retry`, `dead`).
+pub const METER_EVENTS: &str = "billing_meter_events_total";
 /// Events per group commit of ingest's inbox writer.
 pub const INGEST_BATCH_EVENTS: &str = "billing_ingest_batch_events";
 /// Time to answer a webhook.
@@ -181,6 +193,8 @@ pub fn register_ingest() {
     counters_at_zero(WEBHOOKS_RECEIVED, "outcome", WEBHOOK_OUTCOMES);
     counters_at_zero(ENTERPRISE_REQUESTS, "outcome", ENTERPRISE_OUTCOMES);
     metrics::counter!(ENQUEUE_FAILURES).increment(0);
+    metrics::counter!(USAGE_ACCEPTED).increment(0);
+    metrics::counter!(USAGE_DUPLICATES).increment(0);
     for &action in BILLING_ACTION_NAMES {
         for &outcome in BILLING_ACTION_OUTCOMES {
             metrics::counter!(BILLING_ACTIONS, "action" => action, "outcome" => outcome)
@@ -199,6 +213,10 @@ pub fn register_worker(queues: &[String], stripe_api: bool) {
     counters_at_zero(EVENT_FAILURES, "kind", FAILURE_KINDS);
     counters_at_zero(EMAILS, "outcome", EMAIL_OUTCOMES);
     counters_at_zero(PAYMENTS, "status", PAYMENT_STATUSES);
+    counters_at_zero(METER_EVENTS, "outcome", &["sent", "retry", "dead"]);
+    metrics::counter!(USAGE_REPORTED).increment(0);
+    metrics::gauge!(USAGE_PENDING).set(0.0);
+    metrics::gauge!(USAGE_OLDEST_PENDING).set(0.0);
     for counter in [DEAD_LETTERS, SWEPT, UNMAPPED_PRICES, EVENTS_BACKFILLED] {
         metrics::counter!(counter).increment(0);
     }

@@ -57,6 +57,11 @@ struct Inner {
     idempotent: Mutex<BTreeMap<String, Remembered>>,
     created: AtomicUsize,
     hanging: AtomicBool,
+    meter_events: Mutex<BTreeMap<String, Value>>,
+    meters: Mutex<Option<Vec<String>>>,
+    hang_after_meter_event: AtomicBool,
+    meter_calls_in_flight: Mutex<BTreeMap<String, usize>>,
+    most_meter_calls_in_flight: AtomicUsize,
     events: Mutex<Vec<Value>>,
     requests: Mutex<Vec<(Instant, String)>>,
     served: AtomicUsize,
@@ -128,6 +133,10 @@ impl FakeStripe {
             .route(
                 "/v1/billing_portal/sessions",
                 axum::routing::post(create_portal),
+            )
+            .route(
+                "/v1/billing/meter_events",
+                axum::routing::post(create_meter_event),
             )
             .layer(axum::middleware::from_fn_with_state(fake.clone(), gate))
             .with_state(fake.clone());
@@ -206,6 +215,37 @@ impl FakeStripe {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// Only these meters exist (by `event_name`); others are refused as Stripe does. Unset:
+    /// every meter exists.
+    pub fn set_meters(&self, meters: &[&str]) {
+        *self.inner.meters.lock().expect("lock") =
+            Some(meters.iter().map(|m| (*m).to_owned()).collect());
+    }
+
+    /// While set, a meter event is recorded and then its answer never comes (the sender's
+    /// crash or timeout after Stripe took it).
+    pub fn hang_after_meter_event(&self, hang: bool) {
+        self.inner
+            .hang_after_meter_event
+            .store(hang, Ordering::SeqCst);
+    }
+
+    /// The meter events Stripe kept: one per identifier, however often it was sent.
+    pub fn meter_events(&self) -> Vec<Value> {
+        self.inner
+            .meter_events
+            .lock()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The most meter-event calls for one customer and meter that were ever in flight at once.
+    pub fn most_concurrent_meter_calls(&self) -> usize {
+        self.inner.most_meter_calls_in_flight.load(Ordering::SeqCst)
     }
 
     /// Answers every request with Stripe's 500 `api_error` while `failing`.
@@ -627,4 +667,97 @@ async fn list_prices(State(fake): State<FakeStripe>, RawQuery(query): RawQuery) 
         .collect();
     drop(prices);
     page("/v1/prices", found, &pairs)
+}
+
+/// Counts a meter-event call in flight for its customer and meter until dropped.
+struct InFlight<'a> {
+    fake: &'a FakeStripe,
+    key: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(fake: &'a FakeStripe, key: String) -> InFlight<'a> {
+        let mut calls = fake.inner.meter_calls_in_flight.lock().expect("lock");
+        let now = calls.entry(key.clone()).or_insert(0);
+        *now += 1;
+        fake.inner
+            .most_meter_calls_in_flight
+            .fetch_max(*now, Ordering::SeqCst);
+        InFlight { fake, key }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self
+            .fake
+            .inner
+            .meter_calls_in_flight
+            .lock()
+            .expect("lock")
+            .get_mut(&self.key)
+        {
+            *n -= 1;
+        }
+    }
+}
+
+/// `POST /v1/billing/meter_events`: validated at once, kept once per identifier (a repeat
+/// answers the kept event, as Stripe deduplicates identifiers).
+async fn create_meter_event(
+    State(fake): State<FakeStripe>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let post = Post {
+        path: "/v1/billing/meter_events".to_owned(),
+        form: form(&body),
+        idempotency_key: headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
+    fake.inner.posts.lock().expect("lock").push(post.clone());
+    let event_name = post.param("event_name").unwrap_or_default().to_owned();
+    let customer = post
+        .param("payload[stripe_customer_id]")
+        .unwrap_or_default()
+        .to_owned();
+    let _in_flight = InFlight::enter(&fake, format!("{customer}/{event_name}"));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let known = fake
+        .inner
+        .meters
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .is_none_or(|meters| meters.contains(&event_name));
+    if !known {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("resource_missing"),
+            &format!("No active meter was found for event_name '{event_name}'."),
+        );
+    }
+    let identifier = post.param("identifier").unwrap_or_default().to_owned();
+    let event = fake
+        .inner
+        .meter_events
+        .lock()
+        .expect("lock")
+        .entry(identifier.clone())
+        .or_insert_with(|| {
+            json!({
+                "object": "billing.meter_event", "event_name": event_name,
+                "identifier": identifier, "livemode": false, "created": 1,
+                "timestamp": post.param("timestamp").and_then(|t| t.parse::<i64>().ok()),
+                "payload": { "stripe_customer_id": customer, "value": post.param("payload[value]") }
+            })
+        })
+        .clone();
+    if fake.inner.hang_after_meter_event.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    Json(event).into_response()
 }

@@ -7,3 +7,4 @@ pub mod email;
 pub mod ops;
 pub mod reconcile;
 pub mod sweeper;
+pub mod usage;

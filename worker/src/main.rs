@@ -338,6 +338,20 @@ async fn run() -> anyhow::Result<()> {
     if let Some(reconciler) = &reconciler {
         reconciliation::publish_last_success(&reconciler.pool).await;
     }
+    let usage_reporter = match (&reconciler, config.usage.meters.is_empty()) {
+        (Some(reconciler), false) => Some(tokio::spawn(worker::usage::run(
+            usage_deps(&config, reconciler),
+            config.usage.report_interval,
+            stop.clone().wait(),
+        ))),
+        (None, false) => {
+            tracing::warn!(
+                "usage is not reported: USAGE_METERS is set but STRIPE_SECRET_KEY is not"
+            );
+            None
+        }
+        _ => None,
+    };
     let schedule = tokio::spawn(worker::reconcile::schedule::run(
         reconciler,
         config.reconcile.clone(),
@@ -409,6 +423,9 @@ async fn run() -> anyhow::Result<()> {
     sweeper.abort();
     promoter.abort();
     schedule.abort();
+    if let Some(reporter) = usage_reporter {
+        reporter.abort();
+    }
     metrics_server.abort();
     events.and(emails)?;
     tracing::info!("worker stopped");
@@ -487,6 +504,12 @@ async fn dead_letters(command: DeadLetters) -> anyhow::Result<()> {
                     ops::DeadLetterId::Email(id) => {
                         ops::replay_dead_email(&resources.emails, *id, dry_run).await?
                     }
+                    ops::DeadLetterId::Usage(id) => {
+                        let reconciler = resources.reconciler.as_ref().context(
+                            "configuration error: STRIPE_SECRET_KEY is required to replay usage reports",
+                        )?;
+                        ops::usage::replay(&usage_deps(&config, reconciler), id, dry_run).await?
+                    }
                 });
             }
             Output { json }.print(&results, || ops::replay_text(&results));
@@ -535,6 +558,18 @@ async fn events(command: Events) -> anyhow::Result<()> {
             Output { json }.print(&details, || ops::event_text(&details));
             Ok(())
         }
+    }
+}
+
+/// The usage reporter's dependencies, on the reconciler's Stripe client and pool.
+fn usage_deps(config: &WorkerConfig, reconciler: &Reconciler) -> worker::usage::UsageDeps {
+    worker::usage::UsageDeps {
+        pool: reconciler.pool.clone(),
+        client: reconciler.client.clone(),
+        retry: config.retry,
+        max_attempts: config.max_attempts,
+        deferral_window: config.deferral_window,
+        lease: config.usage.report_lease,
     }
 }
 

@@ -124,13 +124,14 @@ fn answer<T: Serialize>(
     Ok(Json(value))
 }
 
-fn check_organization_id(id: &str) -> Result<(), ApiError> {
+/// An organization id from a path: 1 to 255 characters, no control characters.
+pub(crate) fn check_organization_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty()
         || id.chars().count() > enterprise::MAX_ORGANIZATION_ID_LEN
         || id.chars().any(char::is_control)
     {
         return Err(FieldError {
-            field: "organization_id",
+            field: "organization_id".into(),
             message: format!(
                 "must be 1 to {} characters without control characters",
                 enterprise::MAX_ORGANIZATION_ID_LEN

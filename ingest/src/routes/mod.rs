@@ -5,6 +5,7 @@ pub mod billing_actions;
 pub mod enterprise;
 pub mod health;
 pub mod payments;
+pub mod usage;
 pub mod webhooks;
 
 use axum::body::Bytes;
@@ -32,7 +33,7 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiEr
         return Ok(None);
     };
     let key = value.to_str().map_err(|_| FieldError {
-        field: "Idempotency-Key",
+        field: "Idempotency-Key".into(),
         message: "must be visible ASCII characters without spaces".into(),
     })?;
     check_idempotency_key(key)?;

@@ -10,6 +10,7 @@ pub mod payments;
 pub mod processed_events;
 pub mod reconciliation_runs;
 pub mod subscriptions;
+pub mod usage;
 pub mod webhook_events;
 
 use std::str::FromStr;

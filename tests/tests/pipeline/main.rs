@@ -327,3 +327,4 @@ mod reconcile;
 mod recovery;
 mod redis_eviction;
 mod subscriptions;
+mod usage;

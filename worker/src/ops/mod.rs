@@ -18,6 +18,8 @@ use shared::db::{email_outbox, enterprise_requests};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub mod usage;
+
 use crate::apply::{self, ApplyOptions, Deps, FailureOutcome, Report};
 use crate::email::{self, EmailDeps, EmailError, EmailReport};
 
@@ -47,6 +49,9 @@ pub enum OpsError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// Sending a usage report could not be recorded.
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// A dead letter of either kind.
@@ -56,11 +61,16 @@ pub enum DeadLetterId {
     Event(String),
     /// An outbox email (a UUID).
     Email(Uuid),
+    /// A usage report (`usage_…`).
+    Usage(String),
 }
 
 impl DeadLetterId {
     /// A UUID names an outbox email; anything else a Stripe event.
     pub fn parse(id: &str) -> DeadLetterId {
+        if id.starts_with("usage_") {
+            return DeadLetterId::Usage(id.to_owned());
+        }
         match Uuid::parse_str(id) {
             Ok(uuid) => DeadLetterId::Email(uuid),
             Err(_) => DeadLetterId::Event(id.to_owned()),
@@ -163,6 +173,13 @@ pub async fn list_dead_letters(
             last_error: email.last_error,
         }));
     }
+    if filter
+        .event_type
+        .as_deref()
+        .is_none_or(|t| t == usage::USAGE_TYPE)
+    {
+        letters.extend(usage::list(pool, filter.since, filter.limit).await?);
+    }
     letters.sort_by_key(|letter| std::cmp::Reverse(letter.at));
     letters.truncate(usize::try_from(filter.limit).unwrap_or(usize::MAX));
     Ok(letters)
@@ -186,6 +203,14 @@ pub async fn dead_letter_ids(
     if includes_emails(filter) {
         let emails = email_outbox::list_dead(pool, filter.since, i64::MAX).await?;
         ids.extend(emails.into_iter().rev().map(|e| DeadLetterId::Email(e.id)));
+    }
+    if filter
+        .event_type
+        .as_deref()
+        .is_none_or(|t| t == usage::USAGE_TYPE)
+    {
+        let reports = usage::list(pool, filter.since, i64::MAX).await?;
+        ids.extend(reports.into_iter().rev().map(|r| DeadLetterId::Usage(r.id)));
     }
     Ok(ids)
 }
