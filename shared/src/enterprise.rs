@@ -167,15 +167,7 @@ fn member_count(value: Option<&Value>) -> Result<i32, FieldError> {
             ));
         }
     };
-    // `250.0` is a whole number too (JSON Schema's `integer`, and how some encoders write
-    // every number).
-    let whole = number.as_i64().or_else(|| {
-        number
-            .as_f64()
-            .filter(|f| f.fract() == 0.0 && f.abs() <= 1e15)
-            .map(|f| f as i64)
-    });
-    match whole {
+    match whole_number(number) {
         Some(n) if (1..=MAX_MEMBER_COUNT).contains(&n) => {
             i32::try_from(n).map_err(|_| FieldError::new(FIELD, range()))
         }
@@ -184,6 +176,17 @@ fn member_count(value: Option<&Value>) -> Result<i32, FieldError> {
         None if number.is_f64() => Err(FieldError::new(FIELD, "must be a whole number")),
         None => Err(FieldError::new(FIELD, range())),
     }
+}
+
+/// A JSON number as a whole number: `250.0` is one too (JSON Schema's `integer`, and how some
+/// encoders write every number); `None` when it is not whole or too large.
+pub(crate) fn whole_number(number: &serde_json::Number) -> Option<i64> {
+    number.as_i64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() <= 1e15)
+            .map(|f| f as i64)
+    })
 }
 
 /// Checks an `Idempotency-Key` header value: 1 to [`MAX_IDEMPOTENCY_KEY_LEN`] visible ASCII

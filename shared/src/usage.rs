@@ -5,7 +5,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Map, Value};
 
-use crate::enterprise::{FieldError, InputError, type_name};
+use crate::enterprise::{FieldError, InputError, type_name, whole_number};
 
 /// Most records in one request.
 pub const MAX_RECORDS: usize = 1_000;
@@ -96,7 +96,7 @@ fn record(
         }
     };
     let value = match object.get("value") {
-        Some(Value::Number(n)) => match n.as_i64() {
+        Some(Value::Number(n)) => match whole_number(n) {
             Some(v) if (1..=MAX_VALUE).contains(&v) => v,
             _ => {
                 return Err(FieldError::new(
@@ -131,8 +131,7 @@ fn record(
     };
     let occurred_at = match object.get("timestamp") {
         None | Some(Value::Null) => now,
-        Some(Value::Number(n)) => n
-            .as_i64()
+        Some(Value::Number(n)) => whole_number(n)
             .and_then(|s| DateTime::from_timestamp(s, 0))
             .filter(|at| *at >= now - MAX_AGE && *at <= now + MAX_AHEAD)
             .ok_or_else(|| {
@@ -210,6 +209,7 @@ mod tests {
             (r#"{"meter": "sms_sent", "value": -4}"#.to_owned(), "value"),
             (r#"{"meter": "sms_sent", "value": 1e30}"#.to_owned(), "value"),
             (r#"{"meter": "sms_sent", "value": 2.5}"#.to_owned(), "value"),
+            (r#"{"meter": "sms_sent", "value": 2.0, "identifier": 7}"#.to_owned(), "identifier"),
             (r#"{"meter": "sms_sent", "value": "5"}"#.to_owned(), "value"),
             (format!(r#"{{"meter": "sms_sent", "value": 1, "timestamp": {old}}}"#), "timestamp"),
             (format!(r#"{{"meter": "sms_sent", "value": 1, "timestamp": {ahead}}}"#), "timestamp"),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -165,8 +165,9 @@ pub async fn totals(
     _caller: InternalCaller,
     State(state): State<AppState>,
     Path(organization_id): Path<String>,
-    Query(query): Query<TotalsQuery>,
+    query: Result<Query<TotalsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     check_organization_id(&organization_id)?;
     let writer = writer(&state)?;
     let meter = match query.meter {

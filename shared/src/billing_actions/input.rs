@@ -4,6 +4,7 @@
 use serde_json::{Map, Value};
 
 use crate::email_address;
+use crate::enterprise::whole_number as whole;
 use crate::enterprise::{FieldError, InputError, MAX_ORGANIZATION_NAME_LEN, text_field, type_name};
 
 /// Longest URL accepted (Stripe's own limit on its URL parameters is larger).
@@ -128,7 +129,7 @@ fn whole_number(
     };
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_i64() {
+        Some(Value::Number(n)) => match whole(n) {
             Some(n) if range.contains(&n) => Ok(Some(n)),
             Some(_) => Err(outside()),
             None if n.is_f64() => Err(FieldError::new(field, "must be a whole number")),
