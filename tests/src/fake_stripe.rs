@@ -60,6 +60,7 @@ struct Inner {
     meter_events: Mutex<BTreeMap<String, Value>>,
     meters: Mutex<Option<Vec<String>>>,
     hang_after_meter_event: AtomicBool,
+    meter_latency_ms: AtomicUsize,
     meter_calls_in_flight: Mutex<BTreeMap<String, usize>>,
     most_meter_calls_in_flight: AtomicUsize,
     events: Mutex<Vec<Value>>,
@@ -230,6 +231,13 @@ impl FakeStripe {
         self.inner
             .hang_after_meter_event
             .store(hang, Ordering::SeqCst);
+    }
+
+    /// Every meter event takes this long to answer (Stripe's own latency).
+    pub fn set_meter_latency(&self, latency: Duration) {
+        self.inner
+            .meter_latency_ms
+            .store(latency.as_millis() as usize, Ordering::SeqCst);
     }
 
     /// The meter events Stripe kept: one per identifier, however often it was sent.
@@ -724,7 +732,8 @@ async fn create_meter_event(
         .unwrap_or_default()
         .to_owned();
     let _in_flight = InFlight::enter(&fake, format!("{customer}/{event_name}"));
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let latency = fake.inner.meter_latency_ms.load(Ordering::SeqCst).max(20);
+    tokio::time::sleep(Duration::from_millis(latency as u64)).await;
     let known = fake
         .inner
         .meters

@@ -4,7 +4,8 @@
 //! With `--database-url`, first links each customer to an organization `org_bench_<n>` there,
 //! so every subscription resolves and, the database holding none of them, drifts.
 //!
-//! `fake-stripe --subscriptions 10000 [--rate-limit 100] [--database-url URL]`
+//! `fake-stripe --subscriptions 10000 [--rate-limit 100] [--database-url URL]
+//! [--meter-latency-ms 50]`
 
 use clap::Parser;
 use e2e::fake_stripe::FakeStripe;
@@ -22,6 +23,9 @@ struct Args {
     /// Link every customer to an organization in this database.
     #[arg(long)]
     database_url: Option<String>,
+    /// How long each meter event takes to answer, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    meter_latency_ms: u64,
 }
 
 #[tokio::main]
@@ -33,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         let customer = Customer::new(&format!("bench_{n}"));
         stripe.set_subscription(customer.subscription("active", false, period_end));
     }
+    stripe.set_meter_latency(std::time::Duration::from_millis(args.meter_latency_ms));
     if args.rate_limit > 0.0 {
         stripe.limit_rate(args.rate_limit, args.rate_limit);
     }
