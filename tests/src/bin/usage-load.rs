@@ -67,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
             args.meter.clone(),
         );
         let (accepted, errors) = (Arc::clone(&accepted), Arc::clone(&errors));
+        let run = run.clone();
         let (batch, organizations, prefix) = (args.batch, args.organizations, args.org_prefix.clone());
         tokio::spawn(async move {
             let mut latencies = Vec::new();
