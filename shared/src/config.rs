@@ -426,6 +426,9 @@ pub struct WorkerConfig {
     /// `REDIS_ALLOW_EVICTION` (`true`/`false`, default false): start even though Redis'
     /// `maxmemory-policy` may delete keys (see `queue::EvictionPolicy`).
     pub redis_allow_eviction: bool,
+    /// `STRIPE_MODE` (`live` or `test`; unset accepts both): events of the other mode are
+    /// stored and `ignored`, never applied.
+    pub stripe_mode: Option<StripeMode>,
     /// `REFUND_REVOKES_ACCESS` (`true` or `false`, default `true`): whether a full refund or a
     /// lost dispute of a one-time purchase revokes the lifetime access it granted.
     pub refunds: RefundPolicy,
@@ -492,7 +495,53 @@ impl WorkerConfig {
             refunds: RefundPolicy {
                 refund_revokes_access: source.parsed("REFUND_REVOKES_ACCESS", true)?,
             },
+            stripe_mode: match source.get("STRIPE_MODE") {
+                None => None,
+                Some(mode) => Some(mode.trim().parse().map_err(|reason| ConfigError::Invalid {
+                    name: "STRIPE_MODE",
+                    reason,
+                })?),
+            },
         })
+    }
+}
+
+/// Which of Stripe's modes a deployment serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeMode {
+    /// Live mode (`livemode: true`).
+    Live,
+    /// Test mode (`livemode: false`).
+    Test,
+}
+
+impl StripeMode {
+    /// The mode of an event's `livemode`.
+    pub fn of(livemode: bool) -> StripeMode {
+        if livemode {
+            StripeMode::Live
+        } else {
+            StripeMode::Test
+        }
+    }
+
+    /// `live` or `test`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StripeMode::Live => "live",
+            StripeMode::Test => "test",
+        }
+    }
+}
+
+impl FromStr for StripeMode {
+    type Err = String;
+    fn from_str(value: &str) -> Result<StripeMode, String> {
+        match value {
+            "live" => Ok(StripeMode::Live),
+            "test" => Ok(StripeMode::Test),
+            _ => Err("must be live or test (or unset, to accept both)".to_owned()),
+        }
     }
 }
 

@@ -284,6 +284,7 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
                 deferral_window: config.deferral_window,
             },
             refunds: config.refunds,
+            mode: config.stripe_mode,
         },
         emails,
     })

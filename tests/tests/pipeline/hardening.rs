@@ -534,3 +534,40 @@ async fn slow_clients_and_a_flood_of_large_bodies_leave_real_deliveries_fast_and
         "{slow_connections} slow connections"
     );
 }
+
+#[tokio::test]
+async fn an_event_of_the_other_mode_is_stored_answered_200_and_ignored() {
+    let mut p = Pipeline::start(&[("STRIPE_MODE", "live")]).await;
+    p.start_worker();
+    let test_mode = Customer::new(&unique_tag());
+    let checkout = test_mode.checkout_event(now());
+    assert_eq!(checkout["livemode"], false, "the fixtures are test-mode");
+    assert_eq!(
+        p.client.post_event(&checkout).await.0,
+        200,
+        "a 4xx would make Stripe retry"
+    );
+    let id = checkout["id"].as_str().expect("id");
+    assert_eq!(p.wait_for_decision(id).await, ["ignored"]);
+    let detail: String = sqlx::query_scalar("SELECT detail FROM billing_audit WHERE event_id = $1")
+        .bind(id)
+        .fetch_one(&p.db.pool)
+        .await
+        .expect("audit");
+    assert!(
+        detail.contains("test-mode") && detail.contains("STRIPE_MODE=live"),
+        "{detail}"
+    );
+    let (status, _) = p.client.billing(&test_mode.organization_id).await;
+    assert_eq!(status, 404, "no organization changed");
+
+    let live = Customer::new(&unique_tag());
+    let mut checkout = live.checkout_event(now());
+    checkout["livemode"] = json!(true);
+    assert_eq!(p.client.post_event(&checkout).await.0, 200);
+    assert_eq!(
+        p.wait_for_decision(checkout["id"].as_str().expect("id"))
+            .await,
+        ["applied"]
+    );
+}

@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use shared::billing::PlanStatus;
 use shared::billing::payment::RefundPolicy;
 use shared::billing::subscription::SubscriptionChange;
+use shared::config::StripeMode;
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::db::webhook_events::StoredEvent;
 use shared::db::{processed_events, webhook_events};
@@ -53,6 +54,8 @@ pub struct Deps {
     /// `REFUND_REVOKES_ACCESS`: whether a full refund or a lost dispute revokes lifetime
     /// access.
     pub refunds: RefundPolicy,
+    /// `STRIPE_MODE`: events of the other mode are `ignored`.
+    pub mode: Option<StripeMode>,
 }
 
 /// When to try again and when to give up.
@@ -286,7 +289,9 @@ async fn apply_once(
         }
         let (stored, claimed) = &claims[n];
         let reading = if *claimed || options.force {
-            read(stored, &deps.plans).map_err(|why| Verdict::bare(Decision::Ignored, why))
+            mode_matches(stored, deps.mode)
+                .and_then(|()| read(stored, &deps.plans))
+                .map_err(|why| Verdict::bare(Decision::Ignored, why))
         } else {
             Err(Verdict::bare(Decision::Duplicate, "already processed"))
         };
@@ -504,6 +509,19 @@ fn after(delay: Duration) -> DateTime<Utc> {
 /// A std duration as a chrono one, saturating (configured durations are far below the limit).
 fn delta(duration: Duration) -> chrono::TimeDelta {
     chrono::TimeDelta::from_std(duration).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+/// An event of the other mode than `STRIPE_MODE` is kept but never applied: a 4xx would make
+/// Stripe retry it for days, and test data must not change live organizations.
+fn mode_matches(stored: &StoredEvent, mode: Option<StripeMode>) -> Result<(), String> {
+    match mode {
+        Some(mode) if StripeMode::of(stored.livemode) != mode => Err(format!(
+            "a {}-mode event, and this deployment serves STRIPE_MODE={}",
+            StripeMode::of(stored.livemode).as_str(),
+            mode.as_str()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// What an event says, read without the database; `Err` says why an event cannot change
