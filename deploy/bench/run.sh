@@ -100,7 +100,9 @@ wait_ready() {
 }
 # An empty inbox and queue between phases, and a checkpoint so no phase pays for the last.
 reset_inbox() {
-  psql "$DATABASE_URL" -qc "TRUNCATE webhook_events, processed_events, billing_audit, organizations" -c "CHECKPOINT"
+  # CASCADE: subscriptions and payments refer to organizations. Without it (and without
+  # ON_ERROR_STOP) the truncate failed silently and every phase inherited the last one's rows.
+  psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qc "TRUNCATE webhook_events, processed_events, billing_audit, organizations CASCADE" -c "CHECKPOINT"
   clear_queue
 }
 
