@@ -74,7 +74,11 @@ async fn a_deferred_event_checked_again_many_times_keeps_one_audit_row_and_count
         || async { (deferrals(&p).await.1 >= 4).then_some(()) },
     )
     .await;
-    assert_eq!(p.decisions(id).await, ["deferred"], "one row, not one per check");
+    assert_eq!(
+        p.decisions(id).await,
+        ["deferred"],
+        "one row, not one per check"
+    );
     let (status, count, _) = deferrals(&p).await;
     assert!(count >= 4, "{count}");
     assert!(status == "deferred" || status == "pending", "{status}");
@@ -82,9 +86,11 @@ async fn a_deferred_event_checked_again_many_times_keeps_one_audit_row_and_count
     // Its customer's checkout still releases it at once.
     let checkout = customer.checkout_event(now() - 120);
     assert_eq!(p.client.post_event(&checkout).await.0, 200);
-    p.wait_for_billing(&customer.organization_id, "the deferred event applied", |b| {
-        b["plan_status"] == "active"
-    })
+    p.wait_for_billing(
+        &customer.organization_id,
+        "the deferred event applied",
+        |b| b["plan_status"] == "active",
+    )
     .await;
     assert_eq!(p.decisions(id).await, ["deferred", "applied"]);
 }
