@@ -171,12 +171,21 @@ impl Source {
     }
 
     fn backoff(&self) -> Result<Backoff, ConfigError> {
-        let base = self.millis("RETRY_BASE_MS", 1000)?;
-        let max = self.millis("RETRY_MAX_MS", 600_000)?;
+        self.backoff_named(("RETRY_BASE_MS", 1000), ("RETRY_MAX_MS", 600_000))
+    }
+
+    /// A backoff from a base and a cap variable (milliseconds), the cap not below the base.
+    fn backoff_named(
+        &self,
+        (base_name, base_default): (&'static str, u64),
+        (max_name, max_default): (&'static str, u64),
+    ) -> Result<Backoff, ConfigError> {
+        let base = self.millis(base_name, base_default)?;
+        let max = self.millis(max_name, max_default)?;
         if max < base {
             return Err(ConfigError::Invalid {
-                name: "RETRY_MAX_MS",
-                reason: "must not be less than RETRY_BASE_MS".into(),
+                name: max_name,
+                reason: format!("must not be less than {base_name}"),
             });
         }
         Ok(Backoff { base, max })
@@ -409,8 +418,13 @@ pub struct WorkerConfig {
     /// `MAX_ATTEMPTS`: failed attempts before an event becomes a dead letter, default 8.
     pub max_attempts: i32,
     /// `RETRY_BASE_MS` (default 1000) and `RETRY_MAX_MS` (default 600000): the backoff
-    /// between failed attempts, and between retries of a deferred event.
+    /// between failed attempts.
     pub retry: Backoff,
+    /// `DEFERRAL_RECHECK_BASE_MS` (default 60000) and `DEFERRAL_RECHECK_MAX_MS` (default
+    /// 7200000): the sparse schedule on which an event waiting for its organization is
+    /// checked again (1, 2, 4 … minutes, then every 2 hours), within the deferral window. A
+    /// link that resolves it releases it at once, whatever this schedule says.
+    pub deferral_recheck: Backoff,
     /// `DEFERRAL_WINDOW_SECS`: how long an event may wait for its organization before it
     /// becomes a dead letter, default 259200 (3 days, Stripe's own retry horizon).
     pub deferral_window: Duration,
@@ -484,6 +498,10 @@ impl WorkerConfig {
             poll_interval: source.millis("QUEUE_POLL_INTERVAL_MS", 250)?,
             max_attempts: source.positive("MAX_ATTEMPTS", 8)?.min(i32::MAX as u64) as i32,
             retry: source.backoff()?,
+            deferral_recheck: source.backoff_named(
+                ("DEFERRAL_RECHECK_BASE_MS", 60_000),
+                ("DEFERRAL_RECHECK_MAX_MS", 7_200_000),
+            )?,
             deferral_window: Duration::from_secs(
                 source.positive("DEFERRAL_WINDOW_SECS", 3 * 24 * 3600)?,
             ),
@@ -762,6 +780,18 @@ mod tests {
         let config = worker_with(&[]).expect("valid worker config");
         assert_eq!(config.retry, Backoff::default());
         assert_eq!(config.deferral_window, Duration::from_secs(259_200));
+        assert_eq!(
+            config.deferral_recheck,
+            Backoff {
+                base: Duration::from_secs(60),
+                max: Duration::from_secs(7200),
+            }
+        );
+        let error = worker_with(&[("DEFERRAL_RECHECK_MAX_MS", "1000")]).expect_err("must fail");
+        assert_eq!(
+            error.to_string(),
+            "DEFERRAL_RECHECK_MAX_MS is invalid: must not be less than DEFERRAL_RECHECK_BASE_MS"
+        );
         assert_eq!(config.sweep_interval, Duration::from_secs(5));
         assert_eq!(config.sweep_grace, Duration::from_secs(120));
         let error = worker_with(&[("SWEEP_GRACE_MS", "soon")]).expect_err("must fail");

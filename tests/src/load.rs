@@ -43,6 +43,7 @@ const MIX: [&str; 10] = [
 struct Template {
     bytes: Vec<u8>,
     id_at: usize,
+    event_type: &'static str,
 }
 
 /// Makes unique signed-ready bodies fast; see the module doc.
@@ -56,14 +57,36 @@ impl BodyFactory {
     /// Templates for `customers` customers of run `run_tag` (exactly [`RUN_TAG_LEN`] ASCII
     /// letters or digits), each event created `created` (unix seconds).
     pub fn new(run_tag: &str, customers: usize, created: i64) -> BodyFactory {
+        BodyFactory::with_foreign(run_tag, customers, created, 0)
+    }
+
+    /// [`BodyFactory::new`] where `foreign_percent` % of the customers (those whose number
+    /// modulo 100 is below it) belong to no organization: their subscription and invoice
+    /// events name none and no checkout of theirs is sent, so the worker defers them all.
+    pub fn with_foreign(
+        run_tag: &str,
+        customers: usize,
+        created: i64,
+        foreign_percent: usize,
+    ) -> BodyFactory {
         assert_eq!(run_tag.len(), RUN_TAG_LEN, "run tag length");
         assert!(run_tag.chars().all(|c| c.is_ascii_alphanumeric()));
         let placeholder = format!("evt_{run_tag}{}", "X".repeat(ID_DIGITS));
         let mut templates = Vec::with_capacity(customers.max(1) * MIX.len());
         for n in 0..customers.max(1) {
             let customer = Customer::new(&format!("{run_tag}_{n}"));
+            let foreign = n % 100 < foreign_percent;
             for (k, kind) in MIX.iter().enumerate() {
-                let object = object_of(&customer, kind, created);
+                let object = if foreign {
+                    foreign_object_of(&customer, kind, created)
+                } else {
+                    object_of(&customer, kind, created)
+                };
+                let kind = if foreign && *kind == "checkout.session.completed" {
+                    "customer.subscription.updated"
+                } else {
+                    *kind
+                };
                 let ev = event(&placeholder, kind, created + k as i64, object);
                 // Pretty-printed as Stripe sends it when that stays within 6 KB; the bigger
                 // subscription and invoice events compact (4.4–4.7 KB), as the bench wants
@@ -77,7 +100,11 @@ impl BodyFactory {
                 let id_at = find(&bytes, placeholder.as_bytes()).expect("the id is in the body")
                     + "evt_".len()
                     + RUN_TAG_LEN;
-                templates.push(Template { bytes, id_at });
+                templates.push(Template {
+                    bytes,
+                    id_at,
+                    event_type: kind,
+                });
             }
         }
         BodyFactory {
@@ -115,7 +142,7 @@ impl BodyFactory {
 
     /// The event type of sequence number `seq`.
     pub fn event_type(&self, seq: u64) -> &'static str {
-        MIX[(seq % self.templates.len() as u64) as usize % MIX.len()]
+        self.templates[(seq % self.templates.len() as u64) as usize].event_type
     }
 
     /// Smallest and largest body, in bytes.
@@ -144,6 +171,19 @@ fn object_of(customer: &Customer, kind: &str, created: i64) -> Value {
     }
 }
 
+/// The object of an event of a customer linked to no organization: no metadata naming one,
+/// and a subscription update instead of a checkout (which would link the customer). The event
+/// of a checkout slot becomes `customer.subscription.updated`.
+fn foreign_object_of(customer: &Customer, kind: &str, created: i64) -> Value {
+    match kind {
+        "invoice.paid" | "invoice.payment_failed" => {
+            let paid = kind == "invoice.paid";
+            customer.invoice(if paid { 2000 } else { 0 }, "subscription_cycle")
+        }
+        _ => customer.subscription("active", false, created + 30 * 86_400),
+    }
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -153,6 +193,65 @@ fn write_digits(slot: &mut [u8], mut value: u64) {
         *byte = b'0' + (value % 10) as u8;
         value /= 10;
     }
+}
+
+/// A worker's `billing_events_decided_total` read from its Prometheus endpoint, summed over
+/// decisions (what the benchmarks follow instead of counting the inbox).
+pub async fn worker_decisions(http: &reqwest::Client, metrics_url: &str) -> anyhow::Result<i64> {
+    let text = http
+        .get(metrics_url)
+        .timeout(std::time::Duration::from_secs(2))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let name = shared::metrics::EVENTS_DECIDED;
+    let total: f64 = text
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Ok(total as i64)
+}
+
+/// CPU time (user + system) of a process so far, in clock ticks (Linux `/proc/PID/stat`,
+/// 100 ticks a second); 0 if it is gone.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The command name may hold spaces: the fields start after its closing parenthesis.
+    let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let field = |n: usize| {
+        fields
+            .get(n)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// The ids of the processes whose command name (`/proc/PID/comm`) is `comm`.
+pub fn pids_named(comm: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|name| name.trim_end() == comm)
+        })
+        .collect()
 }
 
 /// A run tag of [`RUN_TAG_LEN`] characters, unique enough per run.

@@ -281,6 +281,7 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
             policy: Policy {
                 max_attempts: config.max_attempts,
                 retry: config.retry,
+                deferral_recheck: config.deferral_recheck,
                 deferral_window: config.deferral_window,
             },
             refunds: config.refunds,

@@ -101,6 +101,85 @@ struct Common {
     /// Print one JSON object instead of the text report.
     #[arg(long, global = true)]
     json: bool,
+    /// Percentage of customers linked to no organization (their events are deferred).
+    #[arg(long, global = true, default_value_t = 0)]
+    foreign_percent: usize,
+    /// A running worker's metrics URL: report what it decided during the load
+    /// (`billing_events_decided_total`), the backlog when the load stopped, and how long it
+    /// then took to decide every accepted event (steady state).
+    #[arg(long, global = true)]
+    follow_worker: Option<String>,
+    /// With --follow-worker: give up waiting for the drain after this many seconds.
+    #[arg(long, global = true, default_value_t = 120.0)]
+    drain_timeout: f64,
+    /// `NAME=PID`: report that process' CPU use (cores) during the load. Repeatable.
+    #[arg(long, global = true)]
+    cpu: Vec<String>,
+    /// `NAME=COMM`: report the CPU use during the load of every process of that command name
+    /// (`postgres`, `redis-server`). Repeatable.
+    #[arg(long, global = true)]
+    cpu_comm: Vec<String>,
+}
+
+/// Processes whose CPU is measured over the load: (name, pids or a command name).
+struct CpuProbe {
+    name: String,
+    pid: Option<u32>,
+    comm: Option<String>,
+    start: BTreeMap<u32, u64>,
+}
+
+impl CpuProbe {
+    fn parse(cpu: &[String], comm: &[String]) -> anyhow::Result<Vec<CpuProbe>> {
+        let split = |spec: &String| -> anyhow::Result<(String, String)> {
+            let (name, value) = spec
+                .split_once('=')
+                .with_context(|| format!("{spec}: expected NAME=VALUE"))?;
+            Ok((name.to_owned(), value.to_owned()))
+        };
+        let mut probes = Vec::new();
+        for spec in cpu {
+            let (name, pid) = split(spec)?;
+            let pid = pid.parse().with_context(|| format!("{spec}: not a pid"))?;
+            probes.push(CpuProbe {
+                name,
+                pid: Some(pid),
+                comm: None,
+                start: BTreeMap::new(),
+            });
+        }
+        for spec in comm {
+            let (name, comm) = split(spec)?;
+            probes.push(CpuProbe {
+                name,
+                pid: None,
+                comm: Some(comm),
+                start: BTreeMap::new(),
+            });
+        }
+        Ok(probes)
+    }
+
+    fn sample(&self) -> BTreeMap<u32, u64> {
+        let pids = match (&self.pid, &self.comm) {
+            (Some(pid), _) => vec![*pid],
+            (None, Some(comm)) => e2e::load::pids_named(comm),
+            (None, None) => Vec::new(),
+        };
+        pids.into_iter()
+            .map(|pid| (pid, e2e::load::cpu_ticks(pid)))
+            .collect()
+    }
+
+    /// Cores used since `start` (processes that exited meanwhile are not counted).
+    fn cores(&self, seconds: f64) -> f64 {
+        let ticks: u64 = self
+            .sample()
+            .iter()
+            .map(|(pid, now)| now.saturating_sub(self.start.get(pid).copied().unwrap_or(0)))
+            .sum();
+        (ticks as f64 / 100.0 / seconds * 100.0).round() / 100.0
+    }
 }
 
 /// One request slot's tallies; merged at the end.
@@ -380,6 +459,34 @@ async fn applied_lag(
     Ok(report)
 }
 
+/// After the load: what the worker decided during it, the backlog left, and the time until
+/// it has decided as many events as were accepted.
+async fn follow_drain(
+    http: &reqwest::Client,
+    url: &str,
+    before: i64,
+    accepted: i64,
+    load_seconds: f64,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let stopped = Instant::now();
+    let at_stop = e2e::load::worker_decisions(http, url).await? - before;
+    let mut decided = at_stop;
+    while decided < accepted && stopped.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        decided = e2e::load::worker_decisions(http, url).await? - before;
+    }
+    let drain = stopped.elapsed().as_secs_f64();
+    Ok(json!({
+        "decided_during_load": at_stop,
+        "decided_per_second": (at_stop as f64 / load_seconds).round(),
+        "backlog_at_end": (accepted - at_stop).max(0),
+        "drain_seconds": (drain * 100.0).round() / 100.0,
+        "drained": decided >= accepted,
+        "decided_total": decided,
+    }))
+}
+
 fn print_text(report: &Value) {
     let l = &report["latency_ms"];
     println!(
@@ -417,6 +524,13 @@ fn print_text(report: &Value) {
         l["p999"],
         l["max"]
     );
+    if let Some(steady) = report.get("steady") {
+        println!(
+            "  worker: decided {}/s during the load; backlog at the end {}, drained in {} s",
+            steady["decided_per_second"], steady["backlog_at_end"], steady["drain_seconds"]
+        );
+    }
+    println!("  CPU (cores): {}", report["cpu_cores"]);
     if let Some(v) = report.get("verify") {
         println!(
             "  inbox: {} of {} accepted events stored, {} missing",
@@ -440,6 +554,8 @@ fn print_text(report: &Value) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // reqwest's TLS (unused: the worker's metrics endpoint is plain HTTP) needs a provider.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let common = &cli.common;
     let secret = common
@@ -464,7 +580,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let authority = format!("{host}:{}", uri.port_u16().unwrap_or(80));
     let run_tag = new_run_tag();
-    let factory = BodyFactory::new(&run_tag, common.customers, unix_now() - 60);
+    let factory = BodyFactory::with_foreign(
+        &run_tag,
+        common.customers,
+        unix_now() - 60,
+        common.foreign_percent.min(100),
+    );
     let (min_body, max_body) = factory.size_range();
     let target = Arc::new(Target {
         authority,
@@ -483,6 +604,20 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let duration = Duration::from_secs_f64(common.seconds.max(0.01));
+    let http = reqwest::Client::new();
+    let decided_before = match &common.follow_worker {
+        Some(url) => Some(
+            e2e::load::worker_decisions(&http, url)
+                .await
+                .context("reading --follow-worker")?,
+        ),
+        None => None,
+    };
+    let mut probes = CpuProbe::parse(&common.cpu, &common.cpu_comm)?;
+    for probe in &mut probes {
+        probe.start = probe.sample();
+    }
+    let own_cpu_before = e2e::load::cpu_ticks(std::process::id());
 
     let started = Instant::now();
     let started_wall = SystemTime::now();
@@ -506,6 +641,29 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     let elapsed = started.elapsed().as_secs_f64();
+    let mut cpu: BTreeMap<String, f64> = probes
+        .iter()
+        .map(|probe| (probe.name.clone(), probe.cores(elapsed)))
+        .collect();
+    let own_ticks = e2e::load::cpu_ticks(std::process::id()).saturating_sub(own_cpu_before);
+    cpu.insert(
+        "loadgen".into(),
+        (own_ticks as f64 / 100.0 / elapsed * 100.0).round() / 100.0,
+    );
+    let steady = match (&common.follow_worker, decided_before) {
+        (Some(url), Some(before)) => Some(
+            follow_drain(
+                &http,
+                url,
+                before,
+                tally.accepted.len() as i64,
+                elapsed,
+                Duration::from_secs_f64(common.drain_timeout),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
 
     let requests = tally.latency_us.len();
     let errors_total: u64 = tally.errors.values().sum();
@@ -524,7 +682,12 @@ async fn main() -> anyhow::Result<()> {
         "errors": tally.errors,
         "throughput": (ok as f64 / elapsed).round(),
         "latency_ms": latency_json(&tally.latency_us),
+        "foreign_percent": common.foreign_percent,
+        "cpu_cores": cpu,
     });
+    if let Some(steady) = steady {
+        report["steady"] = steady;
+    }
     let mut missing = 0;
     if let Some(pool) = &pool {
         let ids: Vec<String> = tally

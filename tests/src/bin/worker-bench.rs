@@ -19,7 +19,6 @@ use clap::{Parser, Subcommand};
 use e2e::load::{BodyFactory, new_run_tag};
 use serde_json::json;
 use shared::db::webhook_events::{self, NewEvent};
-use shared::metrics::EVENTS_DECIDED;
 use shared::stripe::timestamp;
 
 /// Worker benchmark: preload a backlog, then measure the drain.
@@ -152,7 +151,7 @@ async fn drain(
     let mut scrape_error = None;
     loop {
         // Until the worker listens, nothing is decided yet.
-        let decided = match decided_so_far(&http, metrics_url).await {
+        let decided = match e2e::load::worker_decisions(&http, metrics_url).await {
             Ok(decided) => decided,
             Err(e) => {
                 scrape_error = Some(format!("{e:#}"));
@@ -212,27 +211,6 @@ async fn drain(
         );
     }
     Ok(())
-}
-
-/// The worker's `billing_events_decided_total`, summed over decisions.
-async fn decided_so_far(http: &reqwest::Client, metrics_url: &str) -> anyhow::Result<i64> {
-    let text = http
-        .get(metrics_url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    let total: f64 = text
-        .lines()
-        .filter(|line| {
-            line.strip_prefix(EVENTS_DECIDED)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    Ok(total as i64)
 }
 
 #[tokio::main]

@@ -36,6 +36,66 @@ fn json(stdout: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_event_checked_again_many_times_keeps_one_audit_row_and_counts_its_deferrals() {
+    let mut extra = FAST_RECOVERY.to_vec();
+    extra.extend([
+        ("DEFERRAL_RECHECK_BASE_MS", "100"),
+        ("DEFERRAL_RECHECK_MAX_MS", "200"),
+        ("DEFERRAL_WINDOW_SECS", "3600"),
+    ]);
+    let mut p = Pipeline::start(&extra).await;
+    p.start_worker();
+    let customer = Customer::new(&unique_tag());
+    let updated = event(
+        &format!("evt_{}_updated", customer.customer_id),
+        "customer.subscription.updated",
+        now() - 60,
+        customer.subscription("active", false, now() + 30 * 86_400),
+    );
+    let id = updated["id"].as_str().expect("id");
+    assert_eq!(p.client.post_event(&updated).await.0, 200);
+
+    let deferrals = |p: &Pipeline| {
+        let id = id.to_owned();
+        let pool = p.db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i32, Option<chrono::DateTime<chrono::Utc>>)>(
+                "SELECT status, deferrals, retry_at FROM webhook_events WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("inbox row")
+        }
+    };
+    eventually(
+        Duration::from_secs(20),
+        &format!("{id} to be checked again several times"),
+        || async { (deferrals(&p).await.1 >= 4).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        p.decisions(id).await,
+        ["deferred"],
+        "one row, not one per check"
+    );
+    let (status, count, _) = deferrals(&p).await;
+    assert!(count >= 4, "{count}");
+    assert!(status == "deferred" || status == "pending", "{status}");
+
+    // Its customer's checkout still releases it at once.
+    let checkout = customer.checkout_event(now() - 120);
+    assert_eq!(p.client.post_event(&checkout).await.0, 200);
+    p.wait_for_billing(
+        &customer.organization_id,
+        "the deferred event applied",
+        |b| b["plan_status"] == "active",
+    )
+    .await;
+    assert_eq!(p.decisions(id).await, ["deferred", "applied"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_organization_never_resolves_dies_and_replays_once_the_cause_is_fixed() {
     let mut extra = FAST_RECOVERY.to_vec();
     extra.push(("DEFERRAL_WINDOW_SECS", "1"));
@@ -52,17 +112,9 @@ async fn an_event_whose_organization_never_resolves_dies_and_replays_once_the_ca
     let id = updated["id"].as_str().expect("id");
     assert_eq!(p.client.post_event(&updated).await.0, 200);
 
-    // Deferred, retried with backoff, then given up after the window.
+    // Deferred (one audit row), checked again at the end of its window, then given up.
     wait_until_dead(&p, id).await;
-    let decisions = p.decisions(id).await;
-    assert!(
-        decisions.len() >= 3
-            && decisions[..decisions.len() - 1]
-                .iter()
-                .all(|d| d == "deferred")
-            && decisions.last().map(String::as_str) == Some("dead"),
-        "{decisions:?}"
-    );
+    assert_eq!(p.decisions(id).await, ["deferred", "dead"]);
     let (_, _, reason) = inbox(&p, id).await;
     let reason = reason.expect("a reason");
     assert!(

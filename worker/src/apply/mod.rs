@@ -63,8 +63,11 @@ pub struct Deps {
 pub struct Policy {
     /// Failed attempts before an event becomes a dead letter.
     pub max_attempts: i32,
-    /// Spacing of retries, after failures and deferrals alike.
+    /// Spacing of retries after failures.
     pub retry: Backoff,
+    /// Spacing of the checks of a deferred event (sparse: minutes to hours), capped so the
+    /// last check falls at the end of its window.
+    pub deferral_recheck: Backoff,
     /// How long an event may wait for its organization before it becomes a dead letter.
     pub deferral_window: Duration,
 }
@@ -367,6 +370,24 @@ fn within_deferral_window(mut verdict: Verdict, stored: &StoredEvent, policy: &P
     verdict
 }
 
+/// The event was deferred before and its window is still open: deferring it again is a retry,
+/// not a new state. (A released event keeps `deferred_since`, so it counts as waiting too; a
+/// dead letter being replayed does not.)
+fn still_waiting(stored: &StoredEvent) -> bool {
+    stored.deferred_since.is_some() && stored.status != "dead"
+}
+
+/// When a deferred event is checked again: on the sparse deferral schedule, but never after
+/// the end of its window, so it becomes a dead letter on time.
+fn next_deferral_check(stored: &StoredEvent, policy: &Policy) -> DateTime<Utc> {
+    let since = stored
+        .deferred_since
+        .filter(|_| still_waiting(stored))
+        .unwrap_or_else(Utc::now);
+    let window_end = since + delta(policy.deferral_window);
+    after(policy.deferral_recheck.delay(stored.deferrals as u32 + 1)).min(window_end)
+}
+
 /// Writes the decisions: inbox statuses, released deferrals and audit rows. Returns the ids of
 /// the deferred events released by new links, to enqueue after commit.
 async fn record(
@@ -388,7 +409,7 @@ async fn record(
             Decision::Duplicate if stored.status == "processed" => {}
             Decision::Deferred => {
                 processed_events::delete(&mut **tx, id).await?;
-                let retry_at = after(policy.retry.delay(stored.deferrals as u32 + 1));
+                let retry_at = next_deferral_check(stored, policy);
                 webhook_events::mark_deferred(
                     &mut **tx,
                     id,
@@ -418,9 +439,14 @@ async fn record(
     } else {
         webhook_events::release_deferred(&mut **tx, &linked).await?
     };
+    // A deferral is audited once, when the event starts waiting: a check that finds it still
+    // waiting only counts in its `deferrals` (a retry is not a change of state).
     let entries: Vec<NewAuditEntry<'_>> = settled
         .iter()
-        .filter(|(_, _, verdict)| verdict.refetch.is_none())
+        .filter(|(_, stored, verdict)| {
+            verdict.refetch.is_none()
+                && !(verdict.decision == Decision::Deferred && still_waiting(stored))
+        })
         .map(|(_, stored, verdict)| NewAuditEntry {
             event_id: &stored.id,
             event_type: &stored.event_type,
