@@ -13,17 +13,10 @@ count="${RECONCILE_SUBSCRIPTIONS:-10000}"
 export STRIPE_API_RATE_LIMIT="${STRIPE_API_RATE_LIMIT:-100}"
 admin_url="postgres://postgres@127.0.0.1:5432/postgres"
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/billing_bench_reconcile"
-export REDIS_URL="redis://127.0.0.1:6379"
+# shellcheck source=deploy/bench/env.sh
+. deploy/bench/env.sh
 export QUEUE_PREFIX="bench-reconcile-$$"
-export STRIPE_BASIC_PRICE_KEY="price_basic_monthly"
-export STRIPE_PREMIUM_PRICE_KEY="price_premium_monthly"
-export STRIPE_ENTERPRISE_PRODUCT_KEY="prod_enterprise"
 export STRIPE_SECRET_KEY="sk_test_bench_only"
-export RESEND_API_KEY="re_bench_only"
-export RESEND_BASE_URL="http://127.0.0.1:9"
-export EMAIL_FROM="billing@example.com"
-export ENTERPRISE_SALES_EMAIL="sales@example.com"
-export RUST_LOG="${RUST_LOG:-warn}"
 
 cargo build --release --bin worker --bin fake-stripe
 psql "$admin_url" -qc "DROP DATABASE IF EXISTS billing_bench_reconcile"

@@ -41,20 +41,9 @@ case "${BENCH_DB_TRANSPORT:-unix}" in
   tcp) export DATABASE_URL="postgres://postgres@127.0.0.1:5432/billing_bench" ;;
   *) echo "BENCH_DB_TRANSPORT is unix or tcp" >&2; exit 2 ;;
 esac
-export REDIS_URL="redis://127.0.0.1:6379"
+# shellcheck source=deploy/bench/env.sh
+. deploy/bench/env.sh
 export QUEUE_PREFIX="bench-$$"
-export STRIPE_WEBHOOK_SECRET="whsec_bench_only_secret"
-export INTERNAL_API_TOKEN="bench-internal-token"
-export STRIPE_BASIC_PRICE_KEY="price_basic_monthly"
-export STRIPE_PREMIUM_PRICE_KEY="price_premium_monthly"
-export STRIPE_ENTERPRISE_PRODUCT_KEY="prod_enterprise"
-# The benchmark sends no Enterprise request, so Resend is never called; the worker requires
-# its settings all the same. The port is loopback's discard port: nothing leaves the machine.
-export RESEND_API_KEY="re_bench_only"
-export RESEND_BASE_URL="http://127.0.0.1:9"
-export EMAIL_FROM="billing@example.com"
-export ENTERPRISE_SALES_EMAIL="sales@example.com"
-export RUST_LOG="${RUST_LOG:-warn}"
 
 out="target/bench/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out"

@@ -17,19 +17,10 @@ organizations="${USAGE_ORGANIZATIONS:-1000}"
 admin_url="postgres://postgres@127.0.0.1:5432/postgres"
 ingest_addr="127.0.0.1:18081"
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/billing_bench_usage"
-export REDIS_URL="redis://127.0.0.1:6379"
+# shellcheck source=deploy/bench/env.sh
+. deploy/bench/env.sh
 export QUEUE_PREFIX="bench-usage-$$"
-export STRIPE_WEBHOOK_SECRET="whsec_bench_only_secret"
-export INTERNAL_API_TOKEN="bench-internal-token"
-export STRIPE_BASIC_PRICE_KEY="price_basic_monthly"
-export STRIPE_PREMIUM_PRICE_KEY="price_premium_monthly"
-export STRIPE_ENTERPRISE_PRODUCT_KEY="prod_enterprise"
-export RESEND_API_KEY="re_bench_only"
-export RESEND_BASE_URL="http://127.0.0.1:9"
-export EMAIL_FROM="billing@example.com"
-export ENTERPRISE_SALES_EMAIL="sales@example.com"
 export USAGE_METERS="api_calls"
-export RUST_LOG="${RUST_LOG:-warn}"
 
 cargo build --release --bin ingest --bin worker --bin usage-load --bin fake-stripe
 psql "$admin_url" -qc "DROP DATABASE IF EXISTS billing_bench_usage WITH (FORCE)"

@@ -400,20 +400,10 @@ impl IngestClient {
         token: Option<&str>,
         idempotency_key: Option<&str>,
     ) -> (u16, Value) {
-        let mut request = self
-            .http
-            .post(format!("{}/v1/enterprise-requests", self.base_url))
-            .header("Content-Type", "application/json")
-            .body(body);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(key) = idempotency_key {
-            request = request.header("Idempotency-Key", key);
-        }
-        let response = request.send().await.expect("enterprise request");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let (status, answer, _) = self
+            .post_internal("/v1/enterprise-requests", body, token, idempotency_key)
+            .await;
+        (status, answer)
     }
 
     /// `POST path` of the internal API: raw body, any bearer token (or none), an optional

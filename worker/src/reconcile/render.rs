@@ -3,29 +3,20 @@
 
 use std::fmt::Write;
 
-use shared::db::reconciliation_runs::Run;
+use shared::db::reconciliation_runs::{Counts, Run};
 
 use super::RunReport;
 use super::backfill::BackfillReport;
 
 /// A run's summary, its drift per organization and its findings.
 pub fn report_text(report: &RunReport) -> String {
-    let c = &report.counts;
     let mut out = format!(
-        "run {} ({}{}): {}\n  subscriptions listed {}, organizations checked {}, drifted {}, \
-         healed {}, orphans {}, unlinked {}, errors {}, events backfilled {}\n",
+        "run {} ({}{}): {}\n  {}\n",
         report.run_id,
         report.trigger,
         if report.dry_run { ", dry run" } else { "" },
         report.status,
-        c.subscriptions_listed,
-        c.organizations_checked,
-        c.drifted,
-        c.healed,
-        c.orphans,
-        c.unlinked,
-        c.errors,
-        c.events_backfilled
+        counts_text(&report.counts)
     );
     if let Some(from) = report.resumed_from {
         let _ = writeln!(out, "  resumed from run {from}'s cursor");
@@ -74,6 +65,22 @@ pub fn report_text(report: &RunReport) -> String {
     out
 }
 
+/// A run's counts, in words.
+fn counts_text(c: &Counts) -> String {
+    format!(
+        "subscriptions listed {}, organizations checked {}, drifted {}, healed {}, orphans {}, \
+         unlinked {}, errors {}, events backfilled {}",
+        c.subscriptions_listed,
+        c.organizations_checked,
+        c.drifted,
+        c.healed,
+        c.orphans,
+        c.unlinked,
+        c.errors,
+        c.events_backfilled
+    )
+}
+
 /// Recent runs, one line each.
 pub fn history_text(runs: &[Run]) -> String {
     if runs.is_empty() {
@@ -81,24 +88,15 @@ pub fn history_text(runs: &[Run]) -> String {
     }
     let mut out = String::new();
     for run in runs {
-        let c = &run.counts;
         let _ = writeln!(
             out,
-            "{:>6}  {}  {:<8} {:<9}{} listed {} checked {} drifted {} healed {} orphans {} \
-             unlinked {} errors {} backfilled {}{}",
+            "{:>6}  {}  {:<8} {:<9}{}  {}{}",
             run.id,
             run.started_at.format("%Y-%m-%d %H:%M:%S"),
             run.trigger,
             run.status,
             if run.dry_run { " dry-run" } else { "" },
-            c.subscriptions_listed,
-            c.organizations_checked,
-            c.drifted,
-            c.healed,
-            c.orphans,
-            c.unlinked,
-            c.errors,
-            c.events_backfilled,
+            counts_text(&run.counts),
             run.error
                 .as_deref()
                 .map(|e| format!("  ({e})"))
