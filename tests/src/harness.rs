@@ -665,6 +665,21 @@ impl Pipeline {
         run_binary(binary_name, args, self.env.clone()).await
     }
 
+    /// A pipeline whose binaries talk to a fake Stripe API of their own (a test key, short
+    /// retries: 3, from 20 ms), and the fake; `extra` adds or overrides variables. No worker
+    /// is started.
+    pub async fn start_with_fake_stripe(extra: &[(&str, &str)]) -> (Pipeline, FakeStripe) {
+        let (stripe, url) = FakeStripe::start().await;
+        let mut env: Vec<(&str, &str)> = vec![
+            ("STRIPE_SECRET_KEY", "sk_test_fake"),
+            ("STRIPE_API_BASE", &url),
+            ("STRIPE_API_MAX_RETRIES", "3"),
+            ("STRIPE_API_RETRY_BASE_MS", "20"),
+        ];
+        env.extend_from_slice(extra);
+        (Pipeline::start(&env).await, stripe)
+    }
+
     /// Starts a (new) worker process.
     pub fn start_worker(&mut self) {
         self.start_worker_with(&[]);

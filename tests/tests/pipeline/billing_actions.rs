@@ -13,15 +13,9 @@ fn now() -> i64 {
 }
 
 async fn with_stripe(extra: &[(&str, &str)]) -> (Pipeline, FakeStripe) {
-    let (stripe, url) = FakeStripe::start().await;
-    let mut env: Vec<(&str, &str)> = vec![
-        ("STRIPE_SECRET_KEY", "sk_test_fake"),
-        ("STRIPE_API_BASE", &url),
-        ("STRIPE_API_MAX_RETRIES", "2"),
-        ("STRIPE_API_RETRY_BASE_MS", "20"),
-    ];
+    let mut env = vec![("STRIPE_API_MAX_RETRIES", "2")];
     env.extend_from_slice(extra);
-    let mut p = Pipeline::start(&env).await;
+    let (mut p, stripe) = Pipeline::start_with_fake_stripe(&env).await;
     p.start_worker();
     (p, stripe)
 }

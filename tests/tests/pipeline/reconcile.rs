@@ -13,15 +13,7 @@ fn now() -> i64 {
 
 /// A pipeline whose worker talks to a fake Stripe (short retries), and the fake.
 async fn with_stripe(extra: &[(&str, &str)]) -> (Pipeline, FakeStripe) {
-    let (stripe, url) = FakeStripe::start().await;
-    let mut env: Vec<(&str, &str)> = vec![
-        ("STRIPE_SECRET_KEY", "sk_test_fake"),
-        ("STRIPE_API_BASE", &url),
-        ("STRIPE_API_MAX_RETRIES", "3"),
-        ("STRIPE_API_RETRY_BASE_MS", "20"),
-    ];
-    env.extend_from_slice(extra);
-    (Pipeline::start(&env).await, stripe)
+    Pipeline::start_with_fake_stripe(extra).await
 }
 
 /// `worker <args> --json`: exit code and the printed JSON.

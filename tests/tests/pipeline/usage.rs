@@ -10,11 +10,8 @@ use serde_json::{Value, json};
 const METERS: &str = "sms_sent,ai_messages";
 
 async fn with_stripe(extra: &[(&str, &str)]) -> (Pipeline, FakeStripe) {
-    let (stripe, url) = FakeStripe::start().await;
-    let mut env: Vec<(&str, &str)> = vec![
-        ("STRIPE_SECRET_KEY", "sk_test_fake"),
-        ("STRIPE_API_BASE", &url),
-        ("STRIPE_API_RETRY_BASE_MS", "20"),
+    let mut env = vec![
+        ("STRIPE_API_MAX_RETRIES", "6"),
         ("USAGE_METERS", METERS),
         ("USAGE_REPORT_INTERVAL", "1s"),
         ("USAGE_REPORT_LEASE", "3s"),
@@ -22,7 +19,7 @@ async fn with_stripe(extra: &[(&str, &str)]) -> (Pipeline, FakeStripe) {
         ("RETRY_MAX_MS", "1000"),
     ];
     env.extend_from_slice(extra);
-    (Pipeline::start(&env).await, stripe)
+    Pipeline::start_with_fake_stripe(&env).await
 }
 
 fn path(org: &str) -> String {
