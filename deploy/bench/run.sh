@@ -144,6 +144,42 @@ print(f"\nWAL (whole server): {wal / n:,.0f} bytes, {rec / n:.1f} records, {fpi 
       f"statuses {json.dumps(after['statuses'])}")
 PY
 }
+# pg_stat_statements, when the server preloads it (shared_preload_libraries): statements of
+# billing_bench by total execution time, per accepted event. Without it, says so and goes on.
+statements_available() {
+  [[ "$(psql "$DATABASE_URL" -tAc "SHOW shared_preload_libraries")" == *pg_stat_statements* ]]
+}
+statements_reset() {
+  if statements_available; then
+    psql "$DATABASE_URL" -qc "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" >/dev/null
+  fi
+}
+statements_report() {
+  local events=$1
+  if ! statements_available; then
+    echo "pg_stat_statements: not in shared_preload_libraries; no per-statement numbers"
+    return 0
+  fi
+  psql "$DATABASE_URL" -v events="$events" -P footer=off --csv <<'SQL' | python3 -c '
+import csv, sys
+rows = list(csv.reader(sys.stdin))
+print("| statement | calls per event | rows per call | ms per call | share of time | WAL bytes per event |")
+print("|---|---|---|---|---|---|")
+for r in rows[1:]:
+    print("| `" + r[0] + "` | " + " | ".join(r[1:]) + " |")
+'
+SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS statement,
+       round(calls::numeric / :events, 3) AS calls_per_event,
+       round(rows::numeric / greatest(calls, 1), 1) AS rows_per_call,
+       round((total_exec_time / greatest(calls, 1))::numeric, 3) AS ms_per_call,
+       round((100 * total_exec_time / sum(total_exec_time) OVER ())::numeric, 1) || ' %' AS share,
+       round(wal_bytes / :events) AS wal_per_event
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY total_exec_time DESC
+LIMIT 15
+SQL
+}
 steady_phase() {
   local n=$1 name=$2 foreign=$3
   want "$name" || return 0
@@ -152,6 +188,7 @@ steady_phase() {
   reset_inbox
   start_worker
   pg_snapshot > "$out/$name.pg-before.json"
+  statements_reset
   peak_rss_mb "$ingest_pid" >/dev/null; peak_rss_mb "$worker_pid" >/dev/null
   $bin/loadgen --url "http://$ingest_addr" --database-url "$DATABASE_URL" --json \
     --seconds "$seconds" --foreign-percent "$foreign" \
@@ -163,7 +200,11 @@ steady_phase() {
   sleep 11
   pg_snapshot > "$out/$name.pg-after.json"
   jq . "$out/$name.json"
-  pg_per_event "$out/$name.pg-before.json" "$out/$name.pg-after.json" "$out/$name.json" | tee "$out/$name.pg.md"
+  {
+    pg_per_event "$out/$name.pg-before.json" "$out/$name.pg-after.json" "$out/$name.json"
+    echo
+    statements_report "$(jq .ok "$out/$name.json")"
+  } | tee "$out/$name.pg.md"
 }
 
 say "build (release)"

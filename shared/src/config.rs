@@ -403,11 +403,13 @@ pub struct WorkerConfig {
     pub usage: UsageConfig,
     /// `METRICS_ADDR`, default `0.0.0.0:9101`.
     pub metrics_addr: SocketAddr,
-    /// `WORKER_CONCURRENCY`: event jobs in flight per process, default 128. They wait for
-    /// group apply; it is not a number of connections.
+    /// `WORKER_CONCURRENCY`: event jobs in flight per process, default 1024. They wait for
+    /// group apply; it is not a number of connections. It bounds how many events can wait for
+    /// one transaction, so it stays well above `APPLY_BATCH_SIZE` × `APPLY_TRANSACTIONS`.
     pub concurrency: usize,
-    /// `APPLY_BATCH_SIZE`: most events applied in one transaction, default 32 (1 applies
-    /// each event alone).
+    /// `APPLY_BATCH_SIZE`: most events applied in one transaction, default 256 (1 applies
+    /// each event alone). Larger batches let the worker keep up with ingest in steady state
+    /// (BENCHMARKS.md, issue 18: 32 left a growing backlog).
     pub apply_batch_size: usize,
     /// `APPLY_TRANSACTIONS`: apply transactions in flight per process, default 2.
     pub apply_transactions: usize,
@@ -477,7 +479,7 @@ impl EmailConfig {
 impl WorkerConfig {
     /// Reads and validates every worker variable.
     pub fn load(source: &Source) -> Result<WorkerConfig, ConfigError> {
-        let concurrency = source.positive("WORKER_CONCURRENCY", 128)? as usize;
+        let concurrency = source.positive("WORKER_CONCURRENCY", 1024)? as usize;
         let apply_transactions = source.positive("APPLY_TRANSACTIONS", 2)? as usize;
         let email_concurrency = source.positive("EMAIL_CONCURRENCY", 4)? as usize;
         // Each apply transaction and email job holds a connection; the rest serve the sweeper,
@@ -492,7 +494,7 @@ impl WorkerConfig {
             usage: UsageConfig::load(source)?,
             metrics_addr: source.parsed("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
             concurrency,
-            apply_batch_size: source.positive("APPLY_BATCH_SIZE", 32)? as usize,
+            apply_batch_size: source.positive("APPLY_BATCH_SIZE", 256)? as usize,
             apply_transactions,
             email_concurrency,
             poll_interval: source.millis("QUEUE_POLL_INTERVAL_MS", 250)?,
