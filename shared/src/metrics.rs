@@ -92,6 +92,8 @@ pub const APPLY_DURATION: &str = "billing_apply_transaction_duration_seconds";
 pub const APPLY_BATCH_EVENTS: &str = "billing_apply_batch_events";
 /// From ingest's commit to the worker's commit of the decision.
 pub const EVENT_LAG: &str = "billing_event_lag_seconds";
+/// Stripe lookups of waiting customers' organization, by `outcome` ([`LOOKUP_OUTCOMES`]).
+pub const CUSTOMER_LOOKUPS: &str = "billing_customer_lookups_total";
 
 /// `outcome` values of [`WEBHOOKS_RECEIVED`] (the route's and the body layer's).
 pub const WEBHOOK_OUTCOMES: &[&str] = &[
@@ -104,6 +106,19 @@ pub const WEBHOOK_OUTCOMES: &[&str] = &[
     "body_timeout",
     "overloaded",
     "store_failed",
+];
+/// `outcome` values of [`CUSTOMER_LOOKUPS`]: `linked` (Stripe's metadata named the
+/// organization), `foreign` (it names none, or the customer was deleted), `already_linked`
+/// (linked meanwhile), `conflict` (the organization named has another customer), `not_found`
+/// (a 404), `failed` (no answer), `skipped` (the lookup queue was full).
+pub const LOOKUP_OUTCOMES: &[&str] = &[
+    "linked",
+    "foreign",
+    "already_linked",
+    "conflict",
+    "not_found",
+    "failed",
+    "skipped",
 ];
 /// `outcome` values of [`ENTERPRISE_REQUESTS`].
 pub const ENTERPRISE_OUTCOMES: &[&str] =
@@ -231,6 +246,7 @@ pub fn register_worker(queues: &[String], stripe_api: bool) {
         counters_at_zero(STRIPE_API_REQUESTS, "outcome", STRIPE_API_OUTCOMES);
         counters_at_zero(STRIPE_API_RATE_LIMITED, "reason", STRIPE_RATE_LIMIT_REASONS);
         counters_at_zero(RECONCILE_RUNS, "status", RECONCILE_STATUSES);
+        counters_at_zero(CUSTOMER_LOOKUPS, "outcome", LOOKUP_OUTCOMES);
         for gauge in [
             RECONCILE_LAST_DRIFTED,
             RECONCILE_LAST_HEALED,

@@ -126,7 +126,10 @@ impl FakeStripe {
             .route("/v1/invoices", axum::routing::get(list_invoices))
             .route("/v1/prices", axum::routing::get(list_prices))
             .route("/v1/customers", axum::routing::post(create_customer))
-            .route("/v1/customers/{id}", axum::routing::post(update_customer))
+            .route(
+                "/v1/customers/{id}",
+                axum::routing::post(update_customer).get(get_customer),
+            )
             .route(
                 "/v1/checkout/sessions",
                 axum::routing::post(create_checkout),
@@ -147,6 +150,17 @@ impl FakeStripe {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         (fake, url)
+    }
+
+    /// Serves this customer (or deleted customer: `{"id", "deleted": true}`) at
+    /// `GET /v1/customers/{id}`.
+    pub fn set_customer(&self, customer: Value) {
+        let id = customer["id"].as_str().expect("customer id").to_owned();
+        self.inner
+            .customers
+            .lock()
+            .expect("lock")
+            .insert(id, customer);
     }
 
     /// Adds or replaces a subscription (what `GET /v1/subscriptions[/{id}]` answers).
@@ -384,6 +398,14 @@ async fn get_subscription(State(fake): State<FakeStripe>, Path(id): Path<String>
     match found {
         Some(sub) => Json(sub).into_response(),
         None => not_found("subscription", &id),
+    }
+}
+
+async fn get_customer(State(fake): State<FakeStripe>, Path(id): Path<String>) -> Response {
+    let found = fake.inner.customers.lock().expect("lock").get(&id).cloned();
+    match found {
+        Some(customer) => Json(customer).into_response(),
+        None => not_found("customer", &id),
     }
 }
 

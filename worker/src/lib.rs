@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod consume;
 pub mod email;
+pub mod lookup;
 pub mod ops;
 pub mod reconcile;
 pub mod sweeper;

@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use worker::apply::{ApplyOptions, Deps, Policy};
 use worker::consume::{ApplySettings, ConsumerSettings};
 use worker::email::EmailDeps;
+use worker::lookup::{CustomerLookup, LookupDeps};
 use worker::ops::{self, Output};
 use worker::reconcile::{self as reconciliation, Reconciler, Trigger};
 use worker::sweeper::SweeperSettings;
@@ -269,6 +270,13 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
         plans: config.plans.clone(),
         queue: queue.clone(),
     });
+    let lookup = stripe.clone().map(|client| {
+        CustomerLookup::start(LookupDeps {
+            pool: pool.clone(),
+            client,
+            queue: queue.clone(),
+        })
+    });
     Ok(Resources {
         reconciler,
         email_queue: EmailQueue::new(redis.clone(), &config.queue.prefix),
@@ -286,6 +294,7 @@ async fn resources(config: &WorkerConfig) -> anyhow::Result<Resources> {
             },
             refunds: config.refunds,
             mode: config.stripe_mode,
+            lookup,
         },
         emails,
     })

@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use self::input::{CheckoutMode, CheckoutRequest, Plan, PortalFlow, PortalRequest};
 use crate::billing::PlanStatus;
 use crate::db::organizations::{self, Organization};
-use crate::db::webhook_events;
+use crate::db::{foreign_customers, webhook_events};
 use crate::enterprise::FieldError;
 use crate::queue::EventQueue;
 use crate::stripe::ORGANIZATION_METADATA_KEY;
@@ -401,6 +401,7 @@ impl BillingActions {
         }
         let linked = organizations::link_customer(&mut *tx, organization_id, customer_id).await?;
         let released = if linked == customer_id {
+            foreign_customers::clear(&mut *tx, &[customer_id]).await?;
             webhook_events::release_deferred(&mut *tx, &[customer_id]).await?
         } else {
             Vec::new()

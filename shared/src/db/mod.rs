@@ -5,6 +5,7 @@
 pub mod billing_audit;
 pub mod email_outbox;
 pub mod enterprise_requests;
+pub mod foreign_customers;
 pub mod organizations;
 pub mod payments;
 pub mod processed_events;

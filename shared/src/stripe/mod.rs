@@ -100,7 +100,8 @@ impl Expandable {
 /// The metadata key under which the product stores its organization id on Stripe objects.
 pub const ORGANIZATION_METADATA_KEY: &str = "organization_id";
 
-fn metadata_organization_id(metadata: &Option<HashMap<String, String>>) -> Option<&str> {
+/// The organization a Stripe object's metadata names (`metadata.organization_id`, not empty).
+pub fn metadata_organization_id(metadata: &Option<HashMap<String, String>>) -> Option<&str> {
     metadata
         .as_ref()?
         .get(ORGANIZATION_METADATA_KEY)

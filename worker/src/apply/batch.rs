@@ -10,6 +10,7 @@
 use shared::billing::organization;
 use shared::billing::payment::{self, Lifetime, PaymentFacts, PaymentState, RefundPolicy};
 use shared::billing::subscription::{Stamp, SubscriptionState};
+use shared::db::foreign_customers::{self, ForeignCustomer};
 use shared::db::organizations::{self, Organization};
 use shared::db::{payments, subscriptions};
 use shared::stripe::Interpretation as Facts;
@@ -23,6 +24,9 @@ pub(crate) struct Locked {
     subscriptions_changed: Vec<bool>,
     payments: Vec<PaymentState>,
     payments_changed: Vec<bool>,
+    /// The events' customers that are linked to no organization and that Stripe says belong
+    /// to none.
+    foreign: Vec<ForeignCustomer>,
     refunds: RefundPolicy,
 }
 
@@ -84,6 +88,20 @@ impl Locked {
             organizations::lock(&mut **tx, &lock_ids, &customers).await?
         };
         let org_ids: Vec<&str> = orgs.iter().map(|o| o.id.as_str()).collect();
+        let unlinked: Vec<&str> = customers
+            .iter()
+            .copied()
+            .filter(|c| {
+                !orgs
+                    .iter()
+                    .any(|o| o.stripe_customer_id.as_deref() == Some(*c))
+            })
+            .collect();
+        let foreign = if unlinked.is_empty() {
+            Vec::new()
+        } else {
+            foreign_customers::find(&mut **tx, &unlinked).await?
+        };
         // A payment event derives its organization again too, and a revoked lifetime grant
         // leaves the subscriptions to decide.
         let subscriptions = if subscription_ids.is_empty() && payment_keys.is_empty() {
@@ -103,6 +121,7 @@ impl Locked {
             subscriptions,
             payments_changed: vec![false; payments.len()],
             payments,
+            foreign,
             refunds,
         })
     }
@@ -144,6 +163,11 @@ impl Locked {
             .filter(|p| p.organization_id.as_ref() == Some(&org.id))
             .collect();
         payment::lifetime(&own, self.refunds)
+    }
+
+    /// Why the customer belongs to no organization, when Stripe said it does not.
+    pub(crate) fn foreign(&self, customer_id: &str) -> Option<&ForeignCustomer> {
+        self.foreign.iter().find(|f| f.customer_id == customer_id)
     }
 
     pub(crate) fn find(&self, matches: impl Fn(&Organization) -> bool) -> Option<usize> {

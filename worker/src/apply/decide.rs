@@ -106,13 +106,7 @@ pub(super) fn decide(
     }
     let Some(at) = at else {
         return Ok(match facts.customer_id {
-            Some(customer) => Verdict {
-                waiting_for_customer: Some(customer.clone()),
-                ..Verdict::bare(
-                    Decision::Deferred,
-                    format!("no organization is linked to customer {customer} yet"),
-                )
-            },
+            Some(customer) => unresolved(locked, customer),
             None => Verdict::bare(
                 Decision::Ignored,
                 "event names neither an organization nor a customer",
@@ -317,6 +311,27 @@ fn keep_unowned_payment(
         (None, None) => format!("payment {id}: nothing to change"),
     });
     verdict
+}
+
+/// An event of a customer linked to no organization: `ignored` when Stripe said the customer
+/// belongs to none, else deferred until its link (or a lookup) resolves it.
+fn unresolved(locked: &Locked, customer: String) -> Verdict {
+    match locked.foreign(&customer) {
+        Some(foreign) => Verdict::bare(
+            Decision::Ignored,
+            format!(
+                "customer {customer} belongs to no organization: {} (Stripe asked at {})",
+                foreign.reason, foreign.checked_at
+            ),
+        ),
+        None => Verdict {
+            waiting_for_customer: Some(customer.clone()),
+            ..Verdict::bare(
+                Decision::Deferred,
+                format!("no organization is linked to customer {customer} yet"),
+            )
+        },
+    }
 }
 
 fn stamp(stored: &StoredEvent) -> Stamp<'_> {

@@ -24,13 +24,15 @@ use shared::billing::subscription::SubscriptionChange;
 use shared::config::StripeMode;
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::db::webhook_events::StoredEvent;
-use shared::db::{processed_events, webhook_events};
+use shared::db::{foreign_customers, processed_events, webhook_events};
 use shared::metrics::{PAYMENTS, UNMAPPED_PRICES};
 use shared::queue::EventQueue;
 use shared::retry::Backoff;
 use shared::stripe::{self, BillingChange, Event, Interpretation as Facts, PlanMapping};
 use shared::stripe_api::{StripeApiError, StripeClient};
 use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::lookup::CustomerLookup;
 
 use self::batch::Locked;
 use self::decide::{Refetched, Ties, Verdict, decide};
@@ -56,6 +58,9 @@ pub struct Deps {
     pub refunds: RefundPolicy,
     /// `STRIPE_MODE`: events of the other mode are `ignored`.
     pub mode: Option<StripeMode>,
+    /// Set when `STRIPE_SECRET_KEY` is: asks Stripe which organization a waiting customer
+    /// belongs to.
+    pub lookup: Option<CustomerLookup>,
 }
 
 /// When to try again and when to give up.
@@ -328,6 +333,14 @@ async fn apply_once(
     } else {
         tx.commit().await?;
         enqueue_released(&deps.queue, &released).await;
+        if let Some(lookup) = &deps.lookup {
+            lookup.request(
+                settled
+                    .iter()
+                    .filter(|(_, _, verdict)| verdict.decision == Decision::Deferred)
+                    .filter_map(|(_, _, verdict)| verdict.waiting_for_customer.as_deref()),
+            );
+        }
         for (_, _, verdict) in &settled {
             if let Some(status) = verdict.payment_status {
                 metrics::counter!(PAYMENTS, "status" => status.as_str()).increment(1);
@@ -437,6 +450,8 @@ async fn record(
     let released = if linked.is_empty() {
         Vec::new()
     } else {
+        // A customer linked after all no longer counts as belonging to no organization.
+        foreign_customers::clear(&mut **tx, &linked).await?;
         webhook_events::release_deferred(&mut **tx, &linked).await?
     };
     // A deferral is audited once, when the event starts waiting: a check that finds it still
