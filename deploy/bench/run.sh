@@ -17,7 +17,8 @@
 # Knobs: BENCH_SECONDS (30), BACKLOG (100000), BENCH_CONNECTIONS (64), BENCH_OPEN_RATE (1000),
 # BENCH_LAG_RATE (2000), BENCH_FOREIGN_PERCENT (20), BENCH_PHASES (all: "closed open drain lag
 # steady foreign"; pgbench always runs), WORKER_CONCURRENCY (worker default), INGEST_DB_POOL (16),
-# BENCH_DB_TRANSPORT (`unix`, the default: Postgres' Unix socket; or `tcp`: 127.0.0.1:5432).
+# BENCH_DB_TRANSPORT (`unix`, the default: Postgres' Unix socket; or `tcp`: 127.0.0.1:5432),
+# BENCH_SQL (SQL run after migrating, to try a schema change).
 # Why unix by default: sqlx 0.9.0 does not set TCP_NODELAY (transact-rs/sqlx#4335, fixed after
 # 0.9.0 by #4336), so a multi-row insert bigger than the socket's send buffer waits ~40 ms for a
 # delayed ACK on TCP. See BENCHMARKS.md for both transports.
@@ -213,6 +214,8 @@ cargo build --release --workspace --bins
 say "database billing_bench"
 psql "$admin_url" -qc "DROP DATABASE IF EXISTS billing_bench WITH (FORCE)" -c "CREATE DATABASE billing_bench"
 $bin/worker migrate
+# BENCH_SQL: statements run after the migrations, to measure a schema change before writing it.
+if [ -n "${BENCH_SQL:-}" ]; then psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qc "$BENCH_SQL"; fi
 
 say "1. Postgres ceiling: pgbench, one ~5 KB row per transaction, 64 clients, ${seconds} s"
 $bin/worker-bench sample-body > "$out/body.json"
