@@ -107,8 +107,8 @@ async fn a_customer_of_no_organization_has_its_events_ignored_until_it_is_linked
     assert_eq!(status, "processed");
 
     // A checkout links it after all: its events apply from then on.
-    let checkout = customer.checkout_event(t + 2);
-    post(&p, &checkout).await;
+    let checkout = post(&p, &customer.checkout_event(t + 2)).await;
+    wait_for_decisions(&p, &checkout, &["applied"]).await;
     let third = post(&p, &unresolved_event(&customer, "third", t + 3)).await;
     wait_for_decisions(&p, &third, &["applied"]).await;
     assert_eq!(p.count("foreign_customers").await, 0, "the link forgets it");
