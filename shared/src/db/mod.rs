@@ -8,7 +8,6 @@ pub mod enterprise_requests;
 pub mod foreign_customers;
 pub mod organizations;
 pub mod payments;
-pub mod processed_events;
 pub mod reconciliation_runs;
 pub mod subscriptions;
 pub mod usage;

@@ -233,19 +233,26 @@ struct ClaimedEvent {
 }
 
 /// The apply transaction's first statement, one round trip for two things: claims the events
-/// in `processed_events` (`false` for one already processed; a concurrent claim of the same id
-/// waits for the other transaction and then gets `false`) and reads them. Ids must be distinct
-/// and sorted, so concurrent claims take their row locks in one order. Events not stored are
-/// missing from the result (their claims are rolled back with the transaction); the order of
-/// the result is unspecified.
+/// by marking them `processed` (`false` for one already processed: a concurrent claim of the
+/// same id waits for the other transaction's row lock, then finds it processed and gets
+/// `false`; if that transaction rolls back, it claims it) and reads them as they were before
+/// the claim. Ids must be distinct and sorted, so concurrent claims take their row locks in
+/// one order. Events not stored are missing from the result; the order of the result is
+/// unspecified.
+///
+/// The status is the one record of "processed" (`processed_events` is a view of it since
+/// migration 000010): the claim, the decision's state changes and its audit row commit
+/// together, or none of them does. A claimed event that is not decided after all (deferred,
+/// given up, or left for a refetch) gets its status set again in the same transaction.
 pub async fn get_and_claim<'e>(
     db: impl PgExecutor<'e>,
     ids: &[&str],
 ) -> Result<Vec<(StoredEvent, bool)>, sqlx::Error> {
     let rows: Vec<ClaimedEvent> = sqlx::query_as(concat!(
         "WITH claim AS (
-             INSERT INTO processed_events (id) SELECT unnest($1::text[])
-             ON CONFLICT (id) DO NOTHING
+             UPDATE webhook_events
+             SET status = 'processed', processed_at = now(), last_error = NULL, retry_at = NULL
+             WHERE id = ANY($1) AND status <> 'processed'
              RETURNING id)
          SELECT ",
         stored_event_columns!(),
@@ -260,7 +267,8 @@ pub async fn get_and_claim<'e>(
         .collect())
 }
 
-/// Records that decisions were committed for the events.
+/// Records that decisions were committed for events this transaction did not claim (an
+/// operator's forced replay of processed events).
 pub async fn mark_processed<'e>(db: impl PgExecutor<'e>, ids: &[&str]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE webhook_events
@@ -268,6 +276,23 @@ pub async fn mark_processed<'e>(db: impl PgExecutor<'e>, ids: &[&str]) -> Result
          WHERE id = ANY($1)",
     )
     .bind(ids)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Undoes [`get_and_claim`] for an event left undecided (to be applied again after a
+/// refetch): its status and timestamps as they were.
+pub async fn unclaim<'e>(db: impl PgExecutor<'e>, stored: &StoredEvent) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_events SET status = $2, processed_at = $3, last_error = $4, retry_at = $5
+         WHERE id = $1",
+    )
+    .bind(&stored.id)
+    .bind(&stored.status)
+    .bind(stored.processed_at)
+    .bind(&stored.last_error)
+    .bind(stored.retry_at)
     .execute(db)
     .await?;
     Ok(())
@@ -285,7 +310,8 @@ pub async fn mark_deferred<'e>(
     sqlx::query_scalar(
         "UPDATE webhook_events
          SET status = 'deferred', stripe_customer_id = $2, last_error = $3, retry_at = $4,
-             deferrals = deferrals + 1, deferred_since = COALESCE(deferred_since, now())
+             processed_at = NULL, deferrals = deferrals + 1,
+             deferred_since = COALESCE(deferred_since, now())
          WHERE id = $1
          RETURNING deferrals",
     )
@@ -299,13 +325,22 @@ pub async fn mark_deferred<'e>(
 
 /// Makes the deferred events of these customers pending again (their links were just written)
 /// and returns their ids, so the caller can enqueue them after commit.
+///
+/// Rows locked by another transaction are skipped, never waited for: the caller holds the
+/// customers' link locks, and an apply transaction that claimed one of these events waits
+/// for those locks, so waiting here would deadlock. That transaction sees the new link once
+/// it has the lock and applies the event itself (a sweeper round or a failure being recorded
+/// leaves it pending, to be applied by its job or at its `retry_at`).
 pub async fn release_deferred<'e>(
     db: impl PgExecutor<'e>,
     customer_ids: &[&str],
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE webhook_events SET status = 'pending', enqueued_at = now(), retry_at = NULL
-         WHERE status = 'deferred' AND stripe_customer_id = ANY($1)
+         WHERE id IN (
+             SELECT id FROM webhook_events
+             WHERE status = 'deferred' AND stripe_customer_id = ANY($1)
+             FOR UPDATE SKIP LOCKED)
          RETURNING id",
     )
     .bind(customer_ids)
@@ -366,6 +401,24 @@ pub async fn mark_dead<'e>(
     .bind(error)
     .fetch_optional(db)
     .await
+}
+
+/// [`mark_dead`] for an event this transaction claimed (its wait for an organization ended).
+pub async fn mark_claimed_dead<'e>(
+    db: impl PgExecutor<'e>,
+    id: &str,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_events
+         SET status = 'dead', last_error = $2, processed_at = now(), retry_at = NULL
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// The sweeper's claim: up to `limit` unfinished rows that are due — past their `retry_at`,

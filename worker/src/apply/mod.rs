@@ -1,20 +1,22 @@
 //! Applying stored events, a batch of them in ONE Postgres transaction (a batch of one for an
-//! operator's replay): claim the events in `processed_events` (already there → `duplicate`,
-//! nothing else happens), lock the customer links, organization rows, subscription rows and
-//! payment rows they concern ([`batch`]), decide each event in turn with the rules of `shared::billing` on
+//! operator's replay): claim the events by marking their inbox rows `processed` (already
+//! processed → `duplicate`, nothing else happens; `processed_events` is a view of that
+//! status), lock the customer links, organization rows, subscription rows and payment rows
+//! they concern ([`batch`]), decide each event in turn with the rules of `shared::billing` on
 //! those rows in memory ([`decide`]), then write the changed subscriptions and organizations,
-//! the inbox statuses and the audit rows, a statement each. Either
-//! all of it commits or none of it does, so a crash anywhere leaves the events to be applied
-//! again by the next delivery of their jobs. About ten round trips per batch, whatever its
-//! size: that is what lets one worker apply thousands of events a second.
+//! the statuses of events not decided after all (deferred, dead) and the audit rows, a
+//! statement each. Either all of it commits or none of it does, so a crash anywhere leaves
+//! the events to be applied again by the next delivery of their jobs. About ten round trips
+//! per batch, whatever its size: that is what lets one worker apply thousands of events a
+//! second.
 //!
-//! Lock order is always `processed_events` rows, then customer-link locks, then payment-key
-//! locks, then organization rows, then subscription rows, then payment rows, each kind in
-//! sorted order, so two batches never deadlock;
+//! Lock order is always inbox rows, then customer-link locks, then payment-key locks, then
+//! organization rows, then subscription rows, then payment rows, each kind in sorted order,
+//! so two batches never deadlock;
 //! two events of one organization (or one customer) are applied one after the other. No
 //! Stripe API call is made while a transaction is open (see [`apply_events`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -24,7 +26,7 @@ use shared::billing::subscription::SubscriptionChange;
 use shared::config::StripeMode;
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::db::webhook_events::StoredEvent;
-use shared::db::{foreign_customers, processed_events, webhook_events};
+use shared::db::{foreign_customers, webhook_events};
 use shared::metrics::{PAYMENTS, UNMAPPED_PRICES};
 use shared::queue::EventQueue;
 use shared::retry::Backoff;
@@ -327,7 +329,12 @@ async fn apply_once(
         ));
     }
     locked.save(&mut tx).await?;
-    let released = record(&mut tx, &deps.policy, &settled).await?;
+    let claimed: HashSet<&str> = claims
+        .iter()
+        .filter(|(_, claimed)| *claimed)
+        .map(|(stored, _)| stored.id.as_str())
+        .collect();
+    let released = record(&mut tx, &deps.policy, &settled, &claimed).await?;
     if options.dry_run {
         tx.rollback().await?;
     } else {
@@ -407,21 +414,20 @@ async fn record(
     tx: &mut Transaction<'static, Postgres>,
     policy: &Policy,
     settled: &[(usize, &StoredEvent, Verdict)],
+    claimed: &HashSet<&str>,
 ) -> Result<Vec<String>, sqlx::Error> {
-    let mut processed = Vec::with_capacity(settled.len());
+    let mut processed = Vec::new();
     for (_, stored, verdict) in settled {
         let id = stored.id.as_str();
         let detail = verdict.detail.as_deref();
         if verdict.refetch.is_some() {
             // Undecided: the claim goes, so the event is applied again after the refetch.
-            processed_events::delete(&mut **tx, id).await?;
+            webhook_events::unclaim(&mut **tx, stored).await?;
             continue;
         }
         match verdict.decision {
-            // Claimed before means processed; heals a row a failed concurrent job left pending.
-            Decision::Duplicate if stored.status == "processed" => {}
+            Decision::Duplicate => {}
             Decision::Deferred => {
-                processed_events::delete(&mut **tx, id).await?;
                 let retry_at = next_deferral_check(stored, policy);
                 webhook_events::mark_deferred(
                     &mut **tx,
@@ -433,10 +439,12 @@ async fn record(
                 .await?;
             }
             Decision::Dead => {
-                processed_events::delete(&mut **tx, id).await?;
-                webhook_events::mark_dead(&mut **tx, id, detail.unwrap_or("gave up")).await?;
+                webhook_events::mark_claimed_dead(&mut **tx, id, detail.unwrap_or("gave up"))
+                    .await?;
             }
-            _ => processed.push(id),
+            // Claimed events are marked processed by their claim; a forced replay's are not.
+            _ if !claimed.contains(id) => processed.push(id),
+            _ => {}
         }
     }
     if !processed.is_empty() {
