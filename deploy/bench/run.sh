@@ -92,7 +92,7 @@ wait_ready() {
 reset_inbox() {
   # CASCADE: subscriptions and payments refer to organizations. Without it (and without
   # ON_ERROR_STOP) the truncate failed silently and every phase inherited the last one's rows.
-  psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qc "TRUNCATE webhook_events, processed_events, billing_audit, organizations CASCADE" -c "CHECKPOINT"
+  psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qc "TRUNCATE webhook_events, billing_audit, organizations, foreign_customers CASCADE" -c "CHECKPOINT"
   clear_queue
 }
 
