@@ -316,6 +316,7 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
 }
 
 mod billing_actions;
+mod claims;
 mod customer_lookup;
 mod enterprise;
 mod hardening;

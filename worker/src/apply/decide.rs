@@ -320,7 +320,7 @@ fn unresolved(locked: &Locked, customer: String) -> Verdict {
         Some(foreign) => Verdict::bare(
             Decision::Ignored,
             format!(
-                "customer {customer} belongs to no organization: {} (Stripe asked at {})",
+                "customer {customer} belongs to no organization: {} (Stripe was asked at {})",
                 foreign.reason, foreign.checked_at
             ),
         ),
