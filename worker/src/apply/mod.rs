@@ -24,15 +24,15 @@ use shared::billing::PlanStatus;
 use shared::billing::payment::RefundPolicy;
 use shared::billing::subscription::SubscriptionChange;
 use shared::config::StripeMode;
-use shared::db::billing_audit::{self, Decision, NewAuditEntry};
+use shared::db::billing_audit::Decision;
+use shared::db::webhook_events;
 use shared::db::webhook_events::StoredEvent;
-use shared::db::{foreign_customers, webhook_events};
 use shared::metrics::{PAYMENTS, UNMAPPED_PRICES};
 use shared::queue::EventQueue;
 use shared::retry::Backoff;
 use shared::stripe::{self, BillingChange, Event, Interpretation as Facts, PlanMapping};
 use shared::stripe_api::{StripeApiError, StripeClient};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 
 use crate::lookup::CustomerLookup;
 
@@ -41,6 +41,10 @@ use self::decide::{Refetched, Ties, Verdict, decide};
 
 pub(crate) mod batch;
 mod decide;
+mod record;
+
+pub use self::record::{FailureOutcome, record_failure};
+use self::record::{enqueue_released, record, within_deferral_window};
 
 /// What applying needs.
 #[derive(Clone)]
@@ -367,197 +371,6 @@ async fn apply_once(
         passes[at] = Some(Pass::Done(Ok(Report::from_verdict(verdict, &claims[n].0))));
     }
     Ok(passes.into_iter().flatten().collect())
-}
-
-/// A deferral past the policy's window becomes a dead letter. A dead letter being replayed
-/// starts a fresh window.
-fn within_deferral_window(mut verdict: Verdict, stored: &StoredEvent, policy: &Policy) -> Verdict {
-    let deferred_since = stored.deferred_since.filter(|_| stored.status != "dead");
-    if verdict.decision == Decision::Deferred
-        && let Some(since) = deferred_since
-        && Utc::now() - since >= delta(policy.deferral_window)
-    {
-        verdict.decision = Decision::Dead;
-        verdict.detail = Some(format!(
-            "{}; gave up after waiting since {since} ({} deferrals)",
-            verdict
-                .detail
-                .as_deref()
-                .unwrap_or("organization not resolved"),
-            stored.deferrals
-        ));
-    }
-    verdict
-}
-
-/// The event was deferred before and its window is still open: deferring it again is a retry,
-/// not a new state. (A released event keeps `deferred_since`, so it counts as waiting too; a
-/// dead letter being replayed does not.)
-fn still_waiting(stored: &StoredEvent) -> bool {
-    stored.deferred_since.is_some() && stored.status != "dead"
-}
-
-/// When a deferred event is checked again: on the sparse deferral schedule, but never after
-/// the end of its window, so it becomes a dead letter on time.
-fn next_deferral_check(stored: &StoredEvent, policy: &Policy) -> DateTime<Utc> {
-    let since = stored
-        .deferred_since
-        .filter(|_| still_waiting(stored))
-        .unwrap_or_else(Utc::now);
-    let window_end = since + delta(policy.deferral_window);
-    after(policy.deferral_recheck.delay(stored.deferrals as u32 + 1)).min(window_end)
-}
-
-/// Writes the decisions: inbox statuses, released deferrals and audit rows. Returns the ids of
-/// the deferred events released by new links, to enqueue after commit.
-async fn record(
-    tx: &mut Transaction<'static, Postgres>,
-    policy: &Policy,
-    settled: &[(usize, &StoredEvent, Verdict)],
-    claimed: &HashSet<&str>,
-) -> Result<Vec<String>, sqlx::Error> {
-    let mut processed = Vec::new();
-    for (_, stored, verdict) in settled {
-        let id = stored.id.as_str();
-        let detail = verdict.detail.as_deref();
-        if verdict.refetch.is_some() {
-            // Undecided: the claim goes, so the event is applied again after the refetch.
-            webhook_events::unclaim(&mut **tx, stored).await?;
-            continue;
-        }
-        match verdict.decision {
-            Decision::Duplicate => {}
-            Decision::Deferred => {
-                let retry_at = next_deferral_check(stored, policy);
-                webhook_events::mark_deferred(
-                    &mut **tx,
-                    id,
-                    verdict.waiting_for_customer.as_deref(),
-                    detail.unwrap_or("organization not resolved yet"),
-                    retry_at,
-                )
-                .await?;
-            }
-            Decision::Dead => {
-                webhook_events::mark_claimed_dead(&mut **tx, id, detail.unwrap_or("gave up"))
-                    .await?;
-            }
-            // Claimed events are marked processed by their claim; a forced replay's are not.
-            _ if !claimed.contains(id) => processed.push(id),
-            _ => {}
-        }
-    }
-    if !processed.is_empty() {
-        webhook_events::mark_processed(&mut **tx, &processed).await?;
-    }
-    // After the deferrals above: an event deferred earlier in this batch is released too.
-    let linked: Vec<&str> = settled
-        .iter()
-        .filter_map(|(_, _, verdict)| verdict.linked_customer.as_deref())
-        .collect();
-    let released = if linked.is_empty() {
-        Vec::new()
-    } else {
-        // A customer linked after all no longer counts as belonging to no organization.
-        foreign_customers::clear(&mut **tx, &linked).await?;
-        webhook_events::release_deferred(&mut **tx, &linked).await?
-    };
-    // A deferral is audited once, when the event starts waiting: a check that finds it still
-    // waiting only counts in its `deferrals` (a retry is not a change of state).
-    let entries: Vec<NewAuditEntry<'_>> = settled
-        .iter()
-        .filter(|(_, stored, verdict)| {
-            verdict.refetch.is_none()
-                && !(verdict.decision == Decision::Deferred && still_waiting(stored))
-        })
-        .map(|(_, stored, verdict)| NewAuditEntry {
-            event_id: &stored.id,
-            event_type: &stored.event_type,
-            organization_id: verdict.organization_id.as_deref(),
-            subscription_id: verdict.subscription_id.as_deref(),
-            decision: verdict.decision,
-            status_before: verdict.status_before,
-            status_after: verdict.status_after,
-            detail: verdict.detail.as_deref(),
-        })
-        .collect();
-    billing_audit::insert(&mut **tx, &entries).await?;
-    Ok(released)
-}
-
-/// Enqueues deferred events released by a new link; if that fails the sweeper enqueues them.
-async fn enqueue_released(queue: &EventQueue, released: &[String]) {
-    if released.is_empty() {
-        return;
-    }
-    let ids: Vec<&str> = released.iter().map(String::as_str).collect();
-    tracing::info!(
-        count = ids.len(),
-        "released deferred events of a newly linked customer"
-    );
-    if let Err(e) = queue.push(&ids).await {
-        tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
-    }
-}
-
-/// What happened after a failed attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FailureOutcome {
-    /// The event stays pending and is due again then.
-    RetryAt(DateTime<Utc>),
-    /// The event is a dead letter now.
-    Dead,
-}
-
-/// Records a failed attempt in one transaction: the attempt count and error, then either the
-/// next attempt time (transient, under the limit) or a dead letter with an audit row.
-pub async fn record_failure(
-    deps: &Deps,
-    event_id: &str,
-    error: &ApplyError,
-) -> Result<FailureOutcome, sqlx::Error> {
-    let message = error.to_string();
-    let mut tx = deps.pool.begin().await?;
-    let Some(attempts) = webhook_events::record_failure(&mut *tx, event_id, &message).await? else {
-        // Not in the inbox: nothing to retry and nothing to keep.
-        return Ok(FailureOutcome::Dead);
-    };
-    let outcome = if error.is_transient() && attempts < deps.policy.max_attempts {
-        let at = after(deps.policy.retry.delay(attempts as u32));
-        webhook_events::schedule_retry(&mut *tx, event_id, at).await?;
-        FailureOutcome::RetryAt(at)
-    } else {
-        let reason = format!("{message} (after {attempts} attempts)");
-        if let Some(event_type) = webhook_events::mark_dead(&mut *tx, event_id, &reason).await? {
-            billing_audit::insert(
-                &mut *tx,
-                &[NewAuditEntry {
-                    event_id,
-                    event_type: &event_type,
-                    organization_id: None,
-                    subscription_id: None,
-                    decision: Decision::Dead,
-                    status_before: None,
-                    status_after: None,
-                    detail: Some(&reason),
-                }],
-            )
-            .await?;
-        }
-        FailureOutcome::Dead
-    };
-    tx.commit().await?;
-    Ok(outcome)
-}
-
-/// `now + delay`.
-fn after(delay: Duration) -> DateTime<Utc> {
-    Utc::now() + delta(delay)
-}
-
-/// A std duration as a chrono one, saturating (configured durations are far below the limit).
-fn delta(duration: Duration) -> chrono::TimeDelta {
-    chrono::TimeDelta::from_std(duration).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 /// An event of the other mode than `STRIPE_MODE` is kept but never applied: a 4xx would make
