@@ -216,17 +216,26 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port (bound and released).
+/// A free loopback port for a child process to bind: checked free by binding it, and taken
+/// below the kernel's ephemeral range (32768 and up), so no `bind(…:0)` of another test (a
+/// fake API, a proxy) can be given it before the child binds it. Each test process counts
+/// through its own window of 1,000 ports (chosen by pid), so parallel test binaries differ.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 10_000 + (std::process::id() % 20) as u16 * 1_000;
+    for _ in 0..1_000 {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 1_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 10000..30000 for this test process");
 }
 
 /// Starts ingest on free loopback ports and waits until it is ready; returns it, its client
-/// and its metrics address. A port taken between [`free_port`] and ingest's bind (another
-/// test's listener) makes it try again on other ports.
+/// and its metrics address. A port taken between [`free_port`] and ingest's bind (by a
+/// process outside the tests) makes it try again on other ports.
 async fn start_ingest(env: &[(String, String)], log: &str) -> (Process, IngestClient, String) {
     for _ in 0..5 {
         let port = free_port();
