@@ -488,6 +488,22 @@ impl EventQueue {
             .collect();
         within_timeout(self.storage.clone().push_all(futures::stream::iter(tasks))).await
     }
+
+    /// Pushes jobs for deferred events a new link released (after the commit that released
+    /// them); a failed push is only logged, since the sweeper enqueues those rows later.
+    pub async fn push_released(&self, released: &[String]) {
+        if released.is_empty() {
+            return;
+        }
+        let ids: Vec<&str> = released.iter().map(String::as_str).collect();
+        tracing::info!(
+            count = ids.len(),
+            "released deferred events of a newly linked customer"
+        );
+        if let Err(e) = self.push(&ids).await {
+            tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
+        }
+    }
 }
 
 impl EmailQueue {

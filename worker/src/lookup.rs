@@ -195,12 +195,7 @@ pub async fn look_up(deps: &LookupDeps, customer_id: &str) -> Result<Outcome, Lo
     }
     let released = webhook_events::release_deferred(&mut *tx, &[customer_id]).await?;
     tx.commit().await?;
-    if !released.is_empty() {
-        let ids: Vec<&str> = released.iter().map(String::as_str).collect();
-        if let Err(e) = deps.queue.push(&ids).await {
-            tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
-        }
-    }
+    deps.queue.push_released(&released).await;
     let released = released.len();
     Ok(match organization {
         Some(organization_id) => Outcome::Linked {

@@ -407,12 +407,7 @@ impl BillingActions {
             Vec::new()
         };
         tx.commit().await?;
-        if !released.is_empty() {
-            let ids: Vec<&str> = released.iter().map(String::as_str).collect();
-            if let Err(e) = self.queue.push(&ids).await {
-                tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
-            }
-        }
+        self.queue.push_released(&released).await;
         Ok(linked)
     }
 

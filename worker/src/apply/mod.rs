@@ -44,7 +44,7 @@ mod decide;
 mod record;
 
 pub use self::record::{FailureOutcome, record_failure};
-use self::record::{enqueue_released, record, within_deferral_window};
+use self::record::{record, within_deferral_window};
 
 /// What applying needs.
 #[derive(Clone)]
@@ -343,7 +343,7 @@ async fn apply_once(
         tx.rollback().await?;
     } else {
         tx.commit().await?;
-        enqueue_released(&deps.queue, &released).await;
+        deps.queue.push_released(&released).await;
         if let Some(lookup) = &deps.lookup {
             lookup.request(
                 settled

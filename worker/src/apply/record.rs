@@ -9,7 +9,6 @@ use chrono::{DateTime, Utc};
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
 use shared::db::webhook_events::StoredEvent;
 use shared::db::{foreign_customers, webhook_events};
-use shared::queue::EventQueue;
 use sqlx::{Postgres, Transaction};
 
 use super::decide::Verdict;
@@ -133,21 +132,6 @@ pub(super) async fn record(
         .collect();
     billing_audit::insert(&mut **tx, &entries).await?;
     Ok(released)
-}
-
-/// Enqueues deferred events released by a new link; if that fails the sweeper enqueues them.
-pub(super) async fn enqueue_released(queue: &EventQueue, released: &[String]) {
-    if released.is_empty() {
-        return;
-    }
-    let ids: Vec<&str> = released.iter().map(String::as_str).collect();
-    tracing::info!(
-        count = ids.len(),
-        "released deferred events of a newly linked customer"
-    );
-    if let Err(e) = queue.push(&ids).await {
-        tracing::warn!(error = %e, "released events not enqueued; the sweeper will enqueue them");
-    }
 }
 
 /// What happened after a failed attempt.
