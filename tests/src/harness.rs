@@ -233,41 +233,6 @@ pub fn free_port() -> u16 {
     panic!("no free port in 10000..30000 for this test process");
 }
 
-/// Starts ingest on free loopback ports and waits until it is ready; returns it, its client
-/// and its metrics address. A port taken between [`free_port`] and ingest's bind (by a
-/// process outside the tests) makes it try again on other ports.
-async fn start_ingest(env: &[(String, String)], log: &str) -> (Process, IngestClient, String) {
-    for _ in 0..5 {
-        let port = free_port();
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut ingest_env = env.to_vec();
-        ingest_env.push(("INGEST_ADDR".into(), format!("127.0.0.1:{port}")));
-        ingest_env.push(("METRICS_ADDR".into(), metrics_addr.clone()));
-        let mut ingest = Process::start("ingest", &[], &ingest_env, log);
-        let client = IngestClient::new(format!("http://127.0.0.1:{port}"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if client.get_status("/readyz").await == Some(200) {
-                return (ingest, client, metrics_addr);
-            }
-            if let Some(status) = ingest.exited() {
-                let log = std::fs::read_to_string(&ingest.log).unwrap_or_default();
-                if log.contains("Address already in use") {
-                    break;
-                }
-                panic!("ingest exited with {status}: {log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ingest not ready after 20 s; log: {}",
-                ingest.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    panic!("ingest found no free port in 5 tries");
-}
-
 /// A child process, killed when dropped.
 pub struct Process {
     child: Child,
@@ -573,10 +538,32 @@ impl Pipeline {
         let queue = TestQueue::new();
         let mut env = pipeline_env(&db, &queue);
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let port = free_port();
         let mut ingest_env = env.clone();
         ingest_env.extend(ingest_only(&db));
-        let (ingest, client, ingest_metrics_addr) =
-            start_ingest(&ingest_env, &format!("ingest-{}", queue.prefix)).await;
+        ingest_env.push(("INGEST_ADDR".into(), format!("127.0.0.1:{port}")));
+        let ingest_metrics_addr = format!("127.0.0.1:{}", free_port());
+        ingest_env.push(("METRICS_ADDR".into(), ingest_metrics_addr.clone()));
+        let mut ingest = Process::start(
+            "ingest",
+            &[],
+            &ingest_env,
+            &format!("ingest-{}", queue.prefix),
+        );
+        let client = IngestClient::new(format!("http://127.0.0.1:{port}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.get_status("/readyz").await != Some(200) {
+            if let Some(status) = ingest.exited() {
+                let log = std::fs::read_to_string(&ingest.log).unwrap_or_default();
+                panic!("ingest exited with {status}: {log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ingest not ready after 20 s; log: {}",
+                ingest.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Pipeline {
             db,
             queue,
