@@ -135,8 +135,8 @@ pub async fn eviction_policy(conn: &mut ConnectionManager) -> EvictionPolicy {
 
 /// The apalis storage configuration of a queue, the same on both sides.
 /// No pub/sub events: workers poll (`poll_with_interval`), and nobody listens. A fetch takes
-/// up to 32 jobs: enough to fill a group-apply batch in one round trip (10, apalis' default,
-/// drained a backlog ~20 % slower).
+/// at least 32 jobs (10, apalis' default, drained a backlog ~20 % slower), and more for a
+/// consumer with more jobs in flight ([`JobQueue::consumer_storage`]).
 fn storage_config(queue_name: String) -> apalis_redis::Config {
     apalis_redis::Config::default()
         .queue(queue_name)
@@ -145,6 +145,12 @@ fn storage_config(queue_name: String) -> apalis_redis::Config {
         .lock_tasks(false)
         .heartbeat_interval(HEARTBEAT_INTERVAL)
         .missed_heartbeats(MISSED_HEARTBEATS)
+}
+
+/// The fetch batch of a consumer running `concurrency` jobs at once: see
+/// [`JobQueue::consumer_storage`].
+fn consumer_fetch_batch(concurrency: usize) -> usize {
+    concurrency.div_ceil(2).max(32)
 }
 
 /// A job to push parked (see [`PARKED_AT`]).
@@ -454,9 +460,17 @@ impl<J: Job> JobQueue<J> {
         self.housekeeping.promote_due().await
     }
 
-    /// The apalis storage, for the consuming worker.
-    pub fn storage(&self) -> RedisStorage<J> {
-        self.storage.clone()
+    /// The apalis storage for a worker that runs up to `concurrency` jobs at once.
+    ///
+    /// apalis-core 1.0 acknowledges each finished job through a channel of 4 × the fetch
+    /// batch, which its worker stops draining once told to stop, until every job in flight
+    /// has finished: a job that finished after the channel filled waited forever, and so did
+    /// the worker's shutdown (1,024 jobs in flight against a channel of 128 under a backlog).
+    /// The fetch batch is therefore sized so that the channel holds twice the jobs in flight.
+    pub fn consumer_storage(&self, concurrency: usize) -> RedisStorage<J> {
+        let config = storage_config(self.housekeeping.name.clone())
+            .batch_size(consumer_fetch_batch(concurrency));
+        RedisStorage::new(self.housekeeping.conn.clone()).with_config(config)
     }
 }
 
@@ -540,6 +554,17 @@ mod tests {
         .expect("redis");
         let queue = EventQueue::new(conn.clone(), &prefix);
         (prefix, conn, queue)
+    }
+
+    #[test]
+    fn a_consumers_acknowledgement_channel_holds_twice_its_jobs_in_flight() {
+        for concurrency in [1, 8, 64, 128, 1000, 1024, 4096] {
+            let channel = 4 * consumer_fetch_batch(concurrency);
+            assert!(
+                channel >= 2 * concurrency,
+                "{concurrency} in flight, channel {channel}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -17,6 +17,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
+
 use apalis::prelude::*;
 use shared::group::{Group, GroupSettings};
 use shared::metrics::{
@@ -110,7 +112,8 @@ pub fn worker_name(kind: &str) -> String {
     )
 }
 
-/// Consumes the event queue until `shutdown` resolves; in-flight jobs finish first.
+/// Consumes the event queue until `shutdown` resolves; in-flight jobs finish first (within
+/// [`SHUTDOWN_DEADLINE`]).
 /// Returns an error if the worker stops by itself (e.g. Redis failed), so the process exits
 /// non-zero and its supervisor restarts it.
 pub async fn run(
@@ -123,26 +126,58 @@ pub async fn run(
     tracing::info!(worker = %name, concurrency = settings.concurrency, batch_size = apply.batch_size, transactions = apply.transactions, "consuming events");
     let storage = deps
         .queue
-        .storage()
+        .consumer_storage(settings.concurrency)
         .poll_with_interval(settings.poll_interval);
     let deps = Arc::new(deps);
     let context = Context {
         applier: Applier::start(Arc::clone(&deps), apply),
         deps,
     };
-    let worker = WorkerBuilder::new(name)
+    let worker = WorkerBuilder::new(name.clone())
         .backend(storage)
         .data(context)
         .concurrency(settings.concurrency)
         .parallelize(tokio::spawn)
         .build(handle);
-    worker
-        .run_until(async move {
-            shutdown.await;
-            Ok::<(), WorkerError>(())
-        })
-        .await?;
-    Ok(())
+    run_until_stopped(&name, |signal| worker.run_until(signal), shutdown).await
+}
+
+/// How long a consumer's jobs in flight may take to finish once it is told to stop; then it
+/// exits anyway (non-zero), and the jobs left run again elsewhere: the sweeper re-enqueues
+/// their pending rows, and apalis hands a dead worker's in-flight set to another. Below the
+/// deployments' 60 s grace period, so the process ends on its own terms.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(45);
+
+/// Runs an apalis worker (`run` given the stop signal it should obey) until `shutdown`
+/// resolves and its jobs in flight have finished, or [`SHUTDOWN_DEADLINE`] after `shutdown`.
+pub async fn run_until_stopped<R>(
+    name: &str,
+    run: impl FnOnce(BoxFuture<'static, Result<(), WorkerError>>) -> R,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    R: Future<Output = Result<(), WorkerError>>,
+{
+    let (stopped, on_stop) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = stopped.send(());
+        Ok::<(), WorkerError>(())
+    };
+    let deadline = async move {
+        if on_stop.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = run(Box::pin(signal)) => Ok(result?),
+        () = deadline => Err(anyhow::anyhow!(
+            "{name}: jobs still in flight {SHUTDOWN_DEADLINE:?} after the stop signal; \
+             leaving them to run again (sweeper, apalis' orphan handling)"
+        )),
+    }
 }
 
 /// What each job needs.

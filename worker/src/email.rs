@@ -28,7 +28,7 @@ pub mod render;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::consume::{ConsumerSettings, worker_name};
+use crate::consume::{ConsumerSettings, run_until_stopped, worker_name};
 use apalis::prelude::*;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
@@ -317,7 +317,8 @@ pub async fn send_outbox_email(
     })
 }
 
-/// Consumes the email queue until `shutdown` resolves; in-flight jobs finish first.
+/// Consumes the email queue until `shutdown` resolves; in-flight jobs finish first (within
+/// [`SHUTDOWN_DEADLINE`](crate::consume::SHUTDOWN_DEADLINE)).
 /// Returns an error if the worker stops by itself (e.g. Redis failed), so the process exits
 /// non-zero and its supervisor restarts it.
 pub async fn run(
@@ -328,20 +329,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let name = worker_name("email-worker");
     tracing::info!(worker = %name, concurrency = settings.concurrency, "consuming emails");
-    let storage = queue.storage().poll_with_interval(settings.poll_interval);
-    let worker = WorkerBuilder::new(name)
+    let storage = queue
+        .consumer_storage(settings.concurrency)
+        .poll_with_interval(settings.poll_interval);
+    let worker = WorkerBuilder::new(name.clone())
         .backend(storage)
         .data(Arc::new(deps))
         .concurrency(settings.concurrency)
         .parallelize(tokio::spawn)
         .build(handle);
-    worker
-        .run_until(async move {
-            shutdown.await;
-            Ok::<(), WorkerError>(())
-        })
-        .await?;
-    Ok(())
+    run_until_stopped(&name, |signal| worker.run_until(signal), shutdown).await
 }
 
 async fn handle(
