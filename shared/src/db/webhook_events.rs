@@ -298,29 +298,50 @@ pub async fn unclaim<'e>(db: impl PgExecutor<'e>, stored: &StoredEvent) -> Resul
     Ok(())
 }
 
-/// Parks the event until the organization of `customer_id` is linked (or `retry_at`, when
-/// the sweeper tries it again) and returns how many times it has now been deferred.
+/// An event to park until its organization is linked: see [`mark_deferred`].
+#[derive(Debug, Clone, Copy)]
+pub struct Deferral<'a> {
+    /// The event.
+    pub id: &'a str,
+    /// The customer whose link releases it, when known.
+    pub customer_id: Option<&'a str>,
+    /// Why it waits (its `last_error`).
+    pub reason: &'a str,
+    /// When the sweeper checks it again.
+    pub retry_at: DateTime<Utc>,
+}
+
+/// Parks these events until the organization of their customer is linked (or their
+/// `retry_at`, when the sweeper tries them again), counting one more deferral each. One
+/// statement for a whole batch: with a fifth of the events waiting, one update per event was
+/// a fifth of a round trip per event inside the apply transaction.
 pub async fn mark_deferred<'e>(
     db: impl PgExecutor<'e>,
-    id: &str,
-    customer_id: Option<&str>,
-    reason: &str,
-    retry_at: DateTime<Utc>,
-) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE webhook_events
-         SET status = 'deferred', stripe_customer_id = $2, last_error = $3, retry_at = $4,
-             processed_at = NULL, deferrals = deferrals + 1,
-             deferred_since = COALESCE(deferred_since, now())
-         WHERE id = $1
-         RETURNING deferrals",
+    deferrals: &[Deferral<'_>],
+) -> Result<(), sqlx::Error> {
+    if deferrals.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = deferrals.iter().map(|d| d.id).collect();
+    let customers: Vec<Option<&str>> = deferrals.iter().map(|d| d.customer_id).collect();
+    let reasons: Vec<&str> = deferrals.iter().map(|d| d.reason).collect();
+    let retry_at: Vec<DateTime<Utc>> = deferrals.iter().map(|d| d.retry_at).collect();
+    sqlx::query(
+        "UPDATE webhook_events AS e
+         SET status = 'deferred', stripe_customer_id = d.customer_id, last_error = d.reason,
+             retry_at = d.retry_at, processed_at = NULL, deferrals = e.deferrals + 1,
+             deferred_since = COALESCE(e.deferred_since, now())
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+              AS d(id, customer_id, reason, retry_at)
+         WHERE e.id = d.id",
     )
-    .bind(id)
-    .bind(customer_id)
-    .bind(reason)
+    .bind(ids)
+    .bind(customers)
+    .bind(reasons)
     .bind(retry_at)
-    .fetch_one(db)
-    .await
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// Makes the deferred events of these customers pending again (their links were just written)
@@ -403,19 +424,24 @@ pub async fn mark_dead<'e>(
     .await
 }
 
-/// [`mark_dead`] for an event this transaction claimed (its wait for an organization ended).
+/// Dead letters of events this transaction claimed (their wait for an organization ended),
+/// each `(id, error)`, in one statement.
 pub async fn mark_claimed_dead<'e>(
     db: impl PgExecutor<'e>,
-    id: &str,
-    error: &str,
+    dead: &[(&str, &str)],
 ) -> Result<(), sqlx::Error> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let (ids, errors): (Vec<&str>, Vec<&str>) = dead.iter().copied().unzip();
     sqlx::query(
-        "UPDATE webhook_events
-         SET status = 'dead', last_error = $2, processed_at = now(), retry_at = NULL
-         WHERE id = $1",
+        "UPDATE webhook_events AS e
+         SET status = 'dead', last_error = d.error, processed_at = now(), retry_at = NULL
+         FROM unnest($1::text[], $2::text[]) AS d(id, error)
+         WHERE e.id = d.id",
     )
-    .bind(id)
-    .bind(error)
+    .bind(ids)
+    .bind(errors)
     .execute(db)
     .await?;
     Ok(())

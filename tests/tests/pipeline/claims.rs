@@ -90,15 +90,15 @@ async fn releasing_a_customer_skips_an_event_claimed_by_a_transaction_waiting_fo
     let customer = format!("cus_{}", unique_tag());
     let id = format!("evt_{}_waiting", unique_tag());
     stored(&db, &id).await;
-    webhook_events::mark_deferred(
-        &db.pool,
-        &id,
-        Some(&customer),
-        "no organization yet",
-        chrono::Utc::now(),
-    )
-    .await
-    .expect("defer");
+    let deferral = webhook_events::Deferral {
+        id: &id,
+        customer_id: Some(&customer),
+        reason: "no organization yet",
+        retry_at: chrono::Utc::now(),
+    };
+    webhook_events::mark_deferred(&db.pool, &[deferral])
+        .await
+        .expect("defer");
 
     // An apply transaction claims the deferred event, then needs the customer's link lock.
     let mut applier = db.pool.begin().await.expect("begin");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use shared::db::billing_audit::{self, Decision, NewAuditEntry};
-use shared::db::webhook_events::StoredEvent;
+use shared::db::webhook_events::{Deferral, StoredEvent};
 use shared::db::{foreign_customers, webhook_events};
 use sqlx::{Postgres, Transaction};
 
@@ -65,7 +65,7 @@ pub(super) async fn record(
     settled: &[(usize, &StoredEvent, Verdict)],
     claimed: &HashSet<&str>,
 ) -> Result<Vec<String>, sqlx::Error> {
-    let mut processed = Vec::new();
+    let (mut processed, mut deferred, mut dead) = (Vec::new(), Vec::new(), Vec::new());
     for (_, stored, verdict) in settled {
         let id = stored.id.as_str();
         let detail = verdict.detail.as_deref();
@@ -76,26 +76,20 @@ pub(super) async fn record(
         }
         match verdict.decision {
             Decision::Duplicate => {}
-            Decision::Deferred => {
-                let retry_at = next_deferral_check(stored, policy);
-                webhook_events::mark_deferred(
-                    &mut **tx,
-                    id,
-                    verdict.waiting_for_customer.as_deref(),
-                    detail.unwrap_or("organization not resolved yet"),
-                    retry_at,
-                )
-                .await?;
-            }
-            Decision::Dead => {
-                webhook_events::mark_claimed_dead(&mut **tx, id, detail.unwrap_or("gave up"))
-                    .await?;
-            }
+            Decision::Deferred => deferred.push(Deferral {
+                id,
+                customer_id: verdict.waiting_for_customer.as_deref(),
+                reason: detail.unwrap_or("organization not resolved yet"),
+                retry_at: next_deferral_check(stored, policy),
+            }),
+            Decision::Dead => dead.push((id, detail.unwrap_or("gave up"))),
             // Claimed events are marked processed by their claim; a forced replay's are not.
             _ if !claimed.contains(id) => processed.push(id),
             _ => {}
         }
     }
+    webhook_events::mark_deferred(&mut **tx, &deferred).await?;
+    webhook_events::mark_claimed_dead(&mut **tx, &dead).await?;
     if !processed.is_empty() {
         webhook_events::mark_processed(&mut **tx, &processed).await?;
     }
