@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use tokio::sync::OwnedSemaphorePermit;
 
 use apalis::prelude::*;
 use shared::group::{Group, GroupSettings};
@@ -27,7 +28,7 @@ use shared::metrics::{
 use shared::queue::ApplyEventV1;
 
 use crate::apply::{
-    ApplyError, ApplyOptions, Deps, FailureOutcome, Report, apply_event, apply_events,
+    ApplyError, ApplyOptions, Deps, FailureOutcome, Report, apply_event, apply_events_releasing,
     record_failure,
 };
 
@@ -64,11 +65,7 @@ impl Applier {
         };
         let (group, _task) = Group::start(group_settings, move |ids, slot| {
             let deps = Arc::clone(&deps);
-            async move {
-                let answers = apply_batch(&deps, ids).await;
-                drop(slot);
-                answers
-            }
+            async move { apply_batch(&deps, ids, slot).await }
         });
         Applier { group }
     }
@@ -81,12 +78,21 @@ impl Applier {
     }
 }
 
-/// One transaction for the batch; if it fails, one per event.
-async fn apply_batch(deps: &Deps, ids: Vec<String>) -> Vec<Result<Report, ApplyError>> {
+/// One transaction for the batch; if it fails, one per event (holding the slot). The slot is
+/// freed once the batch's transaction has committed, before it waits for any Stripe call.
+async fn apply_batch(
+    deps: &Deps,
+    ids: Vec<String>,
+    slot: OwnedSemaphorePermit,
+) -> Vec<Result<Report, ApplyError>> {
     metrics::histogram!(APPLY_BATCH_EVENTS).record(ids.len() as f64);
     let started = Instant::now();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let result = apply_events(deps, &refs, ApplyOptions::default()).await;
+    let mut slot = Some(slot);
+    let result = apply_events_releasing(deps, &refs, ApplyOptions::default(), || {
+        slot.take();
+    })
+    .await;
     metrics::histogram!(APPLY_DURATION).record(started.elapsed().as_secs_f64());
     match result {
         Ok(results) => results,

@@ -628,3 +628,71 @@ async fn a_failed_tie_refetch_fails_only_its_own_event_and_holds_no_lock() {
     assert_eq!(p.wait_for_decision(tie_id).await, ["refetched"]);
     assert_eq!(billing(&p, &a).await["plan_status"], "past_due");
 }
+
+#[tokio::test]
+async fn a_batch_waiting_for_stripe_to_settle_a_tie_holds_back_no_other_batch() {
+    let (stripe, stripe_url) = FakeStripe::start().await;
+    // One apply transaction at a time: before, a batch held it while Stripe was asked.
+    let mut p = Pipeline::start(&[
+        ("STRIPE_SECRET_KEY", "sk_test_fake"),
+        ("STRIPE_API_BASE", &stripe_url),
+        ("APPLY_TRANSACTIONS", "1"),
+    ])
+    .await;
+    p.start_worker();
+    let a = Customer::new(&unique_tag());
+    let t = now() - 1000;
+    deliver_in_order(
+        &p,
+        &[
+            a.checkout_event(t - 10),
+            a.event(
+                "created",
+                "customer.subscription.created",
+                t,
+                subscription(&a, "active", false, t),
+            ),
+        ],
+    )
+    .await;
+    stripe.set_hanging(true);
+    let tie = a.event(
+        "failed",
+        "invoice.payment_failed",
+        t,
+        a.invoice(0, "subscription_cycle"),
+    );
+    assert_eq!(p.client.post_event(&tie).await.0, 200);
+    e2e::harness::eventually(
+        std::time::Duration::from_secs(10),
+        "the tie's refetch to be asked",
+        || async { (stripe.requests() >= 1).then_some(()) },
+    )
+    .await;
+    // Stripe does not answer for a minute (the client gives up after 20 s); another
+    // organization's events are applied meanwhile, not after.
+    let other = Customer::new(&unique_tag());
+    let created = other.event(
+        "created",
+        "customer.subscription.created",
+        t + 1,
+        subscription(&other, "active", false, t),
+    );
+    for ev in [other.checkout_event(t), created] {
+        assert_eq!(p.client.post_event(&ev).await.0, 200);
+    }
+    e2e::harness::eventually(
+        std::time::Duration::from_secs(8),
+        "the other organization's events applied while the tie waits",
+        || async {
+            let (status, body) = p.client.billing(&other.organization_id).await;
+            (status == 200 && body["plan_status"] == "active").then_some(())
+        },
+    )
+    .await;
+    let tie_id = tie["id"].as_str().expect("id");
+    assert!(
+        p.decisions(tie_id).await.is_empty(),
+        "the tie waits for Stripe"
+    );
+}

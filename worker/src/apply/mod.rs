@@ -20,9 +20,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::future::join_all;
 use shared::billing::PlanStatus;
 use shared::billing::payment::RefundPolicy;
-use shared::billing::subscription::SubscriptionChange;
+use shared::billing::subscription::{Snapshot, SubscriptionChange};
 use shared::config::StripeMode;
 use shared::db::billing_audit::Decision;
 use shared::db::webhook_events;
@@ -202,8 +203,21 @@ pub async fn apply_events(
     event_ids: &[&str],
     options: ApplyOptions,
 ) -> Result<Vec<Result<Report, ApplyError>>, ApplyError> {
-    let mut refetched = Refetched::new();
-    let mut results = apply_once(deps, event_ids, options, &refetched).await?;
+    apply_events_releasing(deps, event_ids, options, || {}).await
+}
+
+/// [`apply_events`], calling `committed` once the first transaction has committed and before
+/// any Stripe call: group apply frees its transaction slot there, so a batch waiting for the
+/// API (at its rate limit) does not hold back the batches behind it. A batch's subscriptions
+/// are fetched concurrently (the client bounds its calls and their rate).
+pub async fn apply_events_releasing(
+    deps: &Deps,
+    event_ids: &[&str],
+    options: ApplyOptions,
+    committed: impl FnOnce(),
+) -> Result<Vec<Result<Report, ApplyError>>, ApplyError> {
+    let mut results = apply_once(deps, event_ids, options, &Refetched::new()).await?;
+    committed();
     let waiting: Vec<(usize, String)> = results
         .iter()
         .enumerate()
@@ -215,11 +229,39 @@ pub async fn apply_events(
     if waiting.is_empty() {
         return Ok(results.into_iter().map(Pass::into_result).collect());
     }
+    let mut distinct: Vec<&str> = waiting.iter().map(|(_, id)| id.as_str()).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let fetched = join_all(distinct.iter().map(|id| fetch_snapshot(deps, id))).await;
+    let mut refetched = Refetched::new();
+    let mut failed = HashMap::new();
+    for (id, result) in distinct.into_iter().zip(fetched) {
+        match result {
+            Ok(snapshot) => {
+                refetched.insert(id.to_owned(), snapshot);
+            }
+            Err(e) => {
+                failed.insert(id, e);
+            }
+        }
+    }
     let mut again = Vec::new();
-    for (at, subscription_id) in waiting {
-        match fetch_snapshot(deps, &subscription_id, &mut refetched).await {
-            Ok(()) => again.push(at),
-            Err(e) => results[at] = Pass::Done(Err(e)),
+    for (at, subscription_id) in &waiting {
+        if refetched.contains_key(subscription_id) {
+            again.push(*at);
+            continue;
+        }
+        // A failed fetch fails its subscription's first event with Stripe's answer; another
+        // event of that subscription asks again.
+        let outcome = match failed.remove(subscription_id.as_str()) {
+            Some(e) => Err(e),
+            None => fetch_snapshot(deps, subscription_id).await.map(|snapshot| {
+                refetched.insert(subscription_id.clone(), snapshot);
+            }),
+        };
+        match outcome {
+            Ok(()) => again.push(*at),
+            Err(e) => results[*at] = Pass::Done(Err(e)),
         }
     }
     let ids: Vec<&str> = again.iter().map(|at| event_ids[*at]).collect();
@@ -251,15 +293,8 @@ impl Pass {
     }
 }
 
-/// Fetches a subscription from Stripe, outside any transaction, into `refetched`.
-async fn fetch_snapshot(
-    deps: &Deps,
-    subscription_id: &str,
-    refetched: &mut Refetched,
-) -> Result<(), ApplyError> {
-    if refetched.contains_key(subscription_id) {
-        return Ok(());
-    }
+/// Fetches a subscription from Stripe, outside any transaction.
+async fn fetch_snapshot(deps: &Deps, subscription_id: &str) -> Result<Snapshot, ApplyError> {
     let api = deps.stripe.as_ref().ok_or(ApplyError::Stopped)?;
     let subscription = api.subscription(subscription_id).await?;
     let snapshot = stripe::subscription_snapshot(&subscription, &deps.plans).ok_or_else(|| {
@@ -268,8 +303,7 @@ async fn fetch_snapshot(
             reason: format!("unknown subscription status {:?}", subscription.status),
         }
     })?;
-    refetched.insert(subscription_id.to_owned(), snapshot);
-    Ok(())
+    Ok(snapshot)
 }
 
 /// One transaction over the events: claim, lock, decide, write.
