@@ -17,15 +17,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
-use tokio::sync::OwnedSemaphorePermit;
-
 use apalis::prelude::*;
+use futures::future::BoxFuture;
 use shared::group::{Group, GroupSettings};
 use shared::metrics::{
     APPLY_BATCH_EVENTS, APPLY_DURATION, DEAD_LETTERS, EVENT_FAILURES, EVENT_LAG, EVENTS_DECIDED,
 };
 use shared::queue::ApplyEventV1;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::apply::{
     ApplyError, ApplyOptions, Deps, FailureOutcome, Report, apply_event, apply_events_releasing,
@@ -78,8 +77,9 @@ impl Applier {
     }
 }
 
-/// One transaction for the batch; if it fails, one per event (holding the slot). The slot is
-/// freed once the batch's transaction has committed, before it waits for any Stripe call.
+/// One transaction for the batch; if it fails, one per event. The slot is freed once the
+/// batch's first transaction has committed, before it waits for any Stripe call; when that
+/// transaction fails, the slot is held until the events have been applied one by one.
 async fn apply_batch(
     deps: &Deps,
     ids: Vec<String>,

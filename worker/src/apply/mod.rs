@@ -14,16 +14,15 @@
 //! organization rows, then subscription rows, then payment rows, each kind in sorted order,
 //! so two batches never deadlock;
 //! two events of one organization (or one customer) are applied one after the other. No
-//! Stripe API call is made while a transaction is open (see [`apply_events`]).
+//! Stripe API call is made while a transaction is open (see [`ties`]).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::future::join_all;
 use shared::billing::PlanStatus;
 use shared::billing::payment::RefundPolicy;
-use shared::billing::subscription::{Snapshot, SubscriptionChange};
+use shared::billing::subscription::SubscriptionChange;
 use shared::config::StripeMode;
 use shared::db::billing_audit::Decision;
 use shared::db::webhook_events;
@@ -43,6 +42,7 @@ use self::decide::{Refetched, Ties, Verdict, decide};
 pub(crate) mod batch;
 mod decide;
 mod record;
+mod ties;
 
 pub use self::record::{FailureOutcome, record_failure};
 use self::record::{record, within_deferral_window};
@@ -207,9 +207,8 @@ pub async fn apply_events(
 }
 
 /// [`apply_events`], calling `committed` once the first transaction has committed and before
-/// any Stripe call: group apply frees its transaction slot there, so a batch waiting for the
-/// API (at its rate limit) does not hold back the batches behind it. A batch's subscriptions
-/// are fetched concurrently (the client bounds its calls and their rate).
+/// any Stripe call (see `ties`): group apply frees its transaction slot there, so a batch
+/// waiting for the API (at its rate limit) does not hold back the batches behind it.
 pub async fn apply_events_releasing(
     deps: &Deps,
     event_ids: &[&str],
@@ -218,66 +217,12 @@ pub async fn apply_events_releasing(
 ) -> Result<Vec<Result<Report, ApplyError>>, ApplyError> {
     let mut results = apply_once(deps, event_ids, options, &Refetched::new()).await?;
     committed();
-    let waiting: Vec<(usize, String)> = results
-        .iter()
-        .enumerate()
-        .filter_map(|(at, r)| match r {
-            Pass::Refetch(subscription_id) => Some((at, subscription_id.clone())),
-            Pass::Done(_) => None,
-        })
-        .collect();
-    if waiting.is_empty() {
-        return Ok(results.into_iter().map(Pass::into_result).collect());
-    }
-    let mut distinct: Vec<&str> = waiting.iter().map(|(_, id)| id.as_str()).collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let fetched = join_all(distinct.iter().map(|id| fetch_snapshot(deps, id))).await;
-    let mut refetched = Refetched::new();
-    let mut failed = HashMap::new();
-    for (id, result) in distinct.into_iter().zip(fetched) {
-        match result {
-            Ok(snapshot) => {
-                refetched.insert(id.to_owned(), snapshot);
-            }
-            Err(e) => {
-                failed.insert(id, e);
-            }
-        }
-    }
-    let mut again = Vec::new();
-    for (at, subscription_id) in &waiting {
-        if refetched.contains_key(subscription_id) {
-            again.push(*at);
-            continue;
-        }
-        // A failed fetch fails its subscription's first event with Stripe's answer; another
-        // event of that subscription asks again.
-        let outcome = match failed.remove(subscription_id.as_str()) {
-            Some(e) => Err(e),
-            None => fetch_snapshot(deps, subscription_id).await.map(|snapshot| {
-                refetched.insert(subscription_id.clone(), snapshot);
-            }),
-        };
-        match outcome {
-            Ok(()) => again.push(*at),
-            Err(e) => results[*at] = Pass::Done(Err(e)),
-        }
-    }
-    let ids: Vec<&str> = again.iter().map(|at| event_ids[*at]).collect();
-    let second = apply_once(deps, &ids, options, &refetched).await?;
-    for (at, pass) in again.into_iter().zip(second) {
-        results[at] = match pass {
-            // Tied again with a newer status that appeared meanwhile: retried later.
-            Pass::Refetch(id) => Pass::Done(Err(ApplyError::TieMoved(id))),
-            done => done,
-        };
-    }
+    ties::settle(deps, event_ids, options, &mut results).await?;
     Ok(results.into_iter().map(Pass::into_result).collect())
 }
 
 /// One transaction's outcome for one event.
-enum Pass {
+pub(super) enum Pass {
     /// Decided (or failed alone).
     Done(Result<Report, ApplyError>),
     /// Left undecided: the subscription is to be fetched.
@@ -293,21 +238,8 @@ impl Pass {
     }
 }
 
-/// Fetches a subscription from Stripe, outside any transaction.
-async fn fetch_snapshot(deps: &Deps, subscription_id: &str) -> Result<Snapshot, ApplyError> {
-    let api = deps.stripe.as_ref().ok_or(ApplyError::Stopped)?;
-    let subscription = api.subscription(subscription_id).await?;
-    let snapshot = stripe::subscription_snapshot(&subscription, &deps.plans).ok_or_else(|| {
-        StripeApiError::Decode {
-            path: format!("/v1/subscriptions/{subscription_id}"),
-            reason: format!("unknown subscription status {:?}", subscription.status),
-        }
-    })?;
-    Ok(snapshot)
-}
-
 /// One transaction over the events: claim, lock, decide, write.
-async fn apply_once(
+pub(super) async fn apply_once(
     deps: &Deps,
     event_ids: &[&str],
     options: ApplyOptions,
