@@ -377,13 +377,16 @@ async fn two_workers_run_one_scheduled_reconciliation_per_tick() {
     assert!(runs.len() >= 3, "a run every two seconds: {runs:?}");
     let finished = runs.iter().filter(|(_, s)| s == "succeeded").count();
     assert!(finished >= runs.len() - 1, "{runs:?}");
-    // One listing and one backfill per tick, whichever worker ran it.
-    assert_eq!(
-        stripe.requests_to("/v1/subscriptions?"),
-        runs.len(),
-        "{runs:?}"
+    // One listing and one backfill per tick, whichever worker ran it. The workers are killed
+    // at a moment of their own: a run claimed just before may not have asked Stripe yet.
+    let asked = finished..=runs.len();
+    let listings = stripe.requests_to("/v1/subscriptions?");
+    assert!(asked.contains(&listings), "{listings} listings: {runs:?}");
+    let backfills = stripe.requests_to("/v1/events?");
+    assert!(
+        asked.contains(&backfills),
+        "{backfills} backfills: {runs:?}"
     );
-    assert_eq!(stripe.requests_to("/v1/events?"), runs.len(), "{runs:?}");
 }
 
 #[tokio::test]
