@@ -315,6 +315,16 @@ async fn both_binaries_stop_cleanly_on_sigterm() {
     assert!(status.success(), "ingest exit status {status}");
 }
 
+/// Events neither applied nor waiting for their organization.
+async fn unfinished(p: &Pipeline) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM webhook_events WHERE status NOT IN ('processed', 'deferred')",
+    )
+    .fetch_one(&p.db.pool)
+    .await
+    .expect("count")
+}
+
 /// apalis-core 1.0 acknowledges each finished job through a channel of 4 × the fetch batch
 /// that it stops draining once told to stop, until every job in flight has finished: jobs
 /// finishing after that blocked on the full channel and the worker never exited. With a
@@ -353,14 +363,8 @@ async fn a_worker_stopped_with_a_backlog_finishes_its_jobs_in_flight_and_exits()
         .terminate(Duration::from_secs(20))
         .expect("the worker exits within 20 s of SIGTERM with its backlog still queued");
     assert!(status.success(), "worker exit status {status}");
-    let unfinished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM webhook_events WHERE status NOT IN ('processed', 'deferred')",
-    )
-    .fetch_one(&p.db.pool)
-    .await
-    .expect("count");
     assert!(
-        unfinished > 0,
+        unfinished(&p).await > 0,
         "the backlog was drained before SIGTERM; the test proves nothing"
     );
 
@@ -369,15 +373,7 @@ async fn a_worker_stopped_with_a_backlog_finishes_its_jobs_in_flight_and_exits()
     eventually(
         Duration::from_secs(120),
         "the rest to be applied",
-        || async {
-            let left: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM webhook_events WHERE status NOT IN ('processed', 'deferred')",
-            )
-            .fetch_one(&p.db.pool)
-            .await
-            .expect("count");
-            (left == 0).then_some(())
-        },
+        || async { (unfinished(&p).await == 0).then_some(()) },
     )
     .await;
     assert_eq!(p.count("webhook_events").await, EVENTS as i64);
@@ -397,4 +393,5 @@ mod reconcile;
 mod recovery;
 mod redis_eviction;
 mod subscriptions;
+mod ties;
 mod usage;

@@ -2,16 +2,16 @@
 //! test per case the per-subscription review found, each event decided before the next
 //! (no Stripe key unless said), checked through the billing endpoint.
 
-use e2e::harness::{FakeStripe, Pipeline, unique_tag};
+use e2e::harness::{Pipeline, unique_tag};
 use e2e::stripe_events::{BASIC_PRICE, Customer, event};
 use serde_json::{Value, json};
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
 /// Posts each event and waits for its decision before the next; returns the decisions.
-async fn deliver_in_order(p: &Pipeline, events: &[Value]) -> Vec<Vec<String>> {
+pub(super) async fn deliver_in_order(p: &Pipeline, events: &[Value]) -> Vec<Vec<String>> {
     let mut decisions = Vec::new();
     for ev in events {
         assert_eq!(p.client.post_event(ev).await.0, 200, "{}", ev["id"]);
@@ -26,7 +26,7 @@ async fn started() -> Pipeline {
     p
 }
 
-async fn billing(p: &Pipeline, customer: &Customer) -> Value {
+pub(super) async fn billing(p: &Pipeline, customer: &Customer) -> Value {
     let (status, body) = p.client.billing(&customer.organization_id).await;
     assert_eq!(status, 200, "{body}");
     body
@@ -43,7 +43,7 @@ fn summary(body: &Value) -> (&str, &str, &str, &str) {
     )
 }
 
-fn subscription(customer: &Customer, status: &str, cancel: bool, t: i64) -> Value {
+pub(super) fn subscription(customer: &Customer, status: &str, cancel: bool, t: i64) -> Value {
     customer.subscription(status, cancel, t + 30 * 86_400)
 }
 
@@ -551,148 +551,5 @@ async fn a_plan_maps_from_several_prices_and_an_unmapped_price_is_reported() {
     assert!(
         log.contains("price_grandfathered") && log.contains("maps to a plan"),
         "{log}"
-    );
-}
-
-#[tokio::test]
-async fn a_failed_tie_refetch_fails_only_its_own_event_and_holds_no_lock() {
-    let (stripe, stripe_url) = FakeStripe::start().await;
-    let mut p = Pipeline::start(&[
-        ("STRIPE_SECRET_KEY", "sk_test_fake"),
-        ("STRIPE_API_BASE", &stripe_url),
-        ("RETRY_BASE_MS", "200"),
-    ])
-    .await;
-    p.start_worker();
-    let a = Customer::new(&unique_tag());
-    let t = now() - 1000;
-    deliver_in_order(
-        &p,
-        &[
-            a.checkout_event(t - 10),
-            a.event(
-                "created",
-                "customer.subscription.created",
-                t,
-                subscription(&a, "active", false, t),
-            ),
-        ],
-    )
-    .await;
-    stripe.set_failing(true);
-    let tie = a.event(
-        "failed",
-        "invoice.payment_failed",
-        t,
-        a.invoice(0, "subscription_cycle"),
-    );
-    assert_eq!(p.client.post_event(&tie).await.0, 200);
-    // Another organization's events are applied while the tie's refetch keeps failing.
-    let other = Customer::new(&unique_tag());
-    deliver_in_order(
-        &p,
-        &[
-            other.checkout_event(t),
-            other.event(
-                "created",
-                "customer.subscription.created",
-                t + 1,
-                subscription(&other, "active", false, t),
-            ),
-        ],
-    )
-    .await;
-    assert_eq!(billing(&p, &other).await["plan_status"], "active");
-    let tie_id = tie["id"].as_str().expect("id");
-    e2e::harness::eventually(
-        std::time::Duration::from_secs(20),
-        "a failed attempt recorded",
-        || async {
-            let attempts: i32 =
-                sqlx::query_scalar("SELECT attempts FROM webhook_events WHERE id = $1")
-                    .bind(tie_id)
-                    .fetch_one(&p.db.pool)
-                    .await
-                    .expect("row");
-            (attempts >= 1).then_some(())
-        },
-    )
-    .await;
-    assert!(
-        p.decisions(tie_id).await.is_empty(),
-        "undecided while Stripe fails"
-    );
-    // Stripe back: Stripe's answer settles the tie.
-    stripe.set_subscription(subscription(&a, "past_due", false, t));
-    stripe.set_failing(false);
-    assert_eq!(p.wait_for_decision(tie_id).await, ["refetched"]);
-    assert_eq!(billing(&p, &a).await["plan_status"], "past_due");
-}
-
-#[tokio::test]
-async fn a_batch_waiting_for_stripe_to_settle_a_tie_holds_back_no_other_batch() {
-    let (stripe, stripe_url) = FakeStripe::start().await;
-    // One apply transaction at a time: before, a batch held it while Stripe was asked.
-    let mut p = Pipeline::start(&[
-        ("STRIPE_SECRET_KEY", "sk_test_fake"),
-        ("STRIPE_API_BASE", &stripe_url),
-        ("APPLY_TRANSACTIONS", "1"),
-    ])
-    .await;
-    p.start_worker();
-    let a = Customer::new(&unique_tag());
-    let t = now() - 1000;
-    deliver_in_order(
-        &p,
-        &[
-            a.checkout_event(t - 10),
-            a.event(
-                "created",
-                "customer.subscription.created",
-                t,
-                subscription(&a, "active", false, t),
-            ),
-        ],
-    )
-    .await;
-    stripe.set_hanging(true);
-    let tie = a.event(
-        "failed",
-        "invoice.payment_failed",
-        t,
-        a.invoice(0, "subscription_cycle"),
-    );
-    assert_eq!(p.client.post_event(&tie).await.0, 200);
-    e2e::harness::eventually(
-        std::time::Duration::from_secs(10),
-        "the tie's refetch to be asked",
-        || async { (stripe.requests() >= 1).then_some(()) },
-    )
-    .await;
-    // Stripe does not answer for a minute (the client gives up after 20 s); another
-    // organization's events are applied meanwhile, not after.
-    let other = Customer::new(&unique_tag());
-    let created = other.event(
-        "created",
-        "customer.subscription.created",
-        t + 1,
-        subscription(&other, "active", false, t),
-    );
-    for ev in [other.checkout_event(t), created] {
-        assert_eq!(p.client.post_event(&ev).await.0, 200);
-    }
-    e2e::harness::eventually(
-        std::time::Duration::from_secs(8),
-        "the other organization's events applied while the tie waits",
-        || async {
-            let (status, body) = p.client.billing(&other.organization_id).await;
-            (status == 200 && body["plan_status"] == "active").then_some(())
-        },
-    )
-    .await;
-    let tie_id = tie["id"].as_str().expect("id");
-    assert!(
-        p.decisions(tie_id).await.is_empty(),
-        "the tie waits for Stripe"
     );
 }
