@@ -185,6 +185,8 @@ impl CpuProbe {
 /// One request slot's tallies; merged at the end.
 struct Tally {
     latency_us: Histogram<u64>,
+    /// The same latencies by the second of the load they were sent (or due) in.
+    per_second: Vec<Histogram<u64>>,
     errors: BTreeMap<String, u64>,
     accepted: Vec<u64>,
 }
@@ -192,7 +194,8 @@ struct Tally {
 impl Tally {
     fn new() -> Tally {
         Tally {
-            latency_us: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
+            latency_us: latency_histogram(),
+            per_second: Vec::new(),
             errors: BTreeMap::new(),
             accepted: Vec::new(),
         }
@@ -200,21 +203,37 @@ impl Tally {
 
     fn merge(&mut self, other: Tally) {
         let _ = self.latency_us.add(&other.latency_us);
+        for (second, h) in other.per_second.into_iter().enumerate() {
+            let _ = self.second(second).add(&h);
+        }
         for (kind, n) in other.errors {
             *self.errors.entry(kind).or_default() += n;
         }
         self.accepted.extend(other.accepted);
     }
 
-    fn record(&mut self, seq: u64, latency: Duration, outcome: Result<u16, String>) {
-        self.latency_us
-            .saturating_record(latency.as_micros().max(1) as u64);
+    fn second(&mut self, second: usize) -> &mut Histogram<u64> {
+        if self.per_second.len() <= second {
+            self.per_second.resize_with(second + 1, latency_histogram);
+        }
+        &mut self.per_second[second]
+    }
+
+    /// `at`: when the request was sent (closed loop) or due (open loop), from the start.
+    fn record(&mut self, seq: u64, at: Duration, latency: Duration, outcome: Result<u16, String>) {
+        let us = latency.as_micros().max(1) as u64;
+        self.latency_us.saturating_record(us);
+        self.second(at.as_secs() as usize).saturating_record(us);
         match outcome {
             Ok(200) => self.accepted.push(seq),
             Ok(status) => *self.errors.entry(status.to_string()).or_default() += 1,
             Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
     }
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
 }
 
 /// What every sender shares.
@@ -306,7 +325,7 @@ async fn closed_loop(target: Arc<Target>, connections: usize, duration: Duration
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 let sent = Instant::now();
                 let outcome = connection.send(&target, seq).await;
-                tally.record(seq, sent.elapsed(), outcome);
+                tally.record(seq, sent - started, sent.elapsed(), outcome);
             }
             tally
         }));
@@ -344,7 +363,7 @@ async fn open_loop(
                 let next = due_rx.lock().await.recv().await;
                 let Some((seq, due)) = next else { break };
                 let outcome = connection.send(&target, seq).await;
-                tally.record(seq, due.elapsed(), outcome);
+                tally.record(seq, due - started, due.elapsed(), outcome);
             }
             tally
         }));
@@ -682,6 +701,11 @@ async fn main() -> anyhow::Result<()> {
         "errors": tally.errors,
         "throughput": (ok as f64 / elapsed).round(),
         "latency_ms": latency_json(&tally.latency_us),
+        "started_unix_ms": started_wall.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default(),
+        "per_second": tally.per_second.iter().enumerate().map(|(second, h)| json!({
+            "second": second, "requests": h.len(),
+            "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0, "max_ms": h.max() as f64 / 1000.0,
+        })).collect::<Vec<_>>(),
         "foreign_percent": common.foreign_percent,
         "cpu_cores": cpu,
     });
