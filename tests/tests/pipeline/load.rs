@@ -2,7 +2,9 @@
 //! benchmark), and ingest's group commit under concurrent distinct, duplicate and failing
 //! deliveries.
 
-use e2e::harness::{Pipeline, WEBHOOK_SECRET, binary, unique_tag};
+use std::time::Duration;
+
+use e2e::harness::{Pipeline, WEBHOOK_SECRET, binary, eventually, redis_url, unique_tag};
 use e2e::stripe_events::{Customer, event};
 use futures::future::join_all;
 use serde_json::Value;
@@ -200,4 +202,61 @@ async fn a_backlog_beyond_apalis_fetch_limit_is_drained_by_a_worker_started_afte
     assert_eq!(code, 0, "{stdout}{stderr}");
     let report: Value = serde_json::from_str(&stdout).expect("drain report");
     assert_eq!(report["statuses"]["processed"], backlog, "{report}");
+}
+
+/// Fetches of `queue` (apalis' fetch script: 7 keys, its worker set then its active list)
+/// among the lines of a Redis `MONITOR`.
+fn fetches_of(lines: &[String], queue: &str) -> usize {
+    let shape = format!("\"7\" \"{queue}:workers\" \"{queue}:active\"");
+    lines.iter().filter(|line| line.contains(&shape)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_looks_for_jobs_about_once_per_poll_interval() {
+    use futures::StreamExt;
+    use shared::queue::{ApplyEventV1, Job, SendEmailV1};
+
+    // The harness' worker polls every 100 ms.
+    let mut p = Pipeline::start(&[]).await;
+    p.start_worker();
+    let http = reqwest::Client::new();
+    let metrics_url = p.worker_metrics_url.clone();
+    eventually(Duration::from_secs(20), "the worker's metrics", || {
+        let (http, url) = (&http, &metrics_url);
+        async move { e2e::load::worker_decisions(http, url).await.ok() }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut monitor = client
+        .get_async_monitor()
+        .await
+        .expect("MONITOR")
+        .into_on_message::<String>();
+    let mut lines = Vec::new();
+    let watched = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(watched);
+    loop {
+        tokio::select! {
+            () = &mut watched => break,
+            Some(line) = monitor.next() => {
+                if line.contains(&p.queue.prefix) {
+                    lines.push(line);
+                }
+            }
+        }
+    }
+    // 3 s at one fetch per 100 ms is 30 per queue. Joined in one task, the two consumers
+    // woke each other into fetching thousands of times a second.
+    for queue in [
+        ApplyEventV1::queue_name(&p.queue.prefix),
+        SendEmailV1::queue_name(&p.queue.prefix),
+    ] {
+        let fetches = fetches_of(&lines, &queue);
+        assert!(
+            (5..=90).contains(&fetches),
+            "{queue}: {fetches} fetches in 3 s of idling (expected about 30)"
+        );
+    }
 }
