@@ -4,11 +4,12 @@
 #   2. ingest, closed loop, 64 connections                (loadgen closed)
 #   3. ingest, open loop at 1,000/s                       (loadgen open)
 #   4. worker, drain of a 100,000-event backlog           (worker-bench preload + drain)
-#   5. end-to-end lag at a steady 2,000/s through ingest (loadgen open --wait-applied)
-#   6. steady state: closed loop, 64 connections, with the worker applying (loadgen closed
+#   5. idle: ingest and worker with nothing to do, 10 s: the worker's CPU, Redis' CPU and commands
+#   6. end-to-end lag at a steady 2,000/s through ingest (loadgen open --wait-applied)
+#   7. steady state: closed loop, 64 connections, with the worker applying (loadgen closed
 #      --follow-worker): accepted/s, decided/s, backlog at the end and time to drain it, p99,
 #      CPU per process, and Postgres' work per event (WAL bytes, rows written, HOT updates)
-#   7. the same with 20 % of the events from customers linked to no organization (deferred),
+#   8. the same with 20 % of the events from customers linked to no organization (deferred),
 #      and the audit rows written per event
 # and the peak resident memory (VmHWM) of ingest and worker in each phase. Prints a summary
 # table; every raw result is kept as JSON in target/bench/<time>/.
@@ -16,8 +17,8 @@
 # Quick run: BENCH_SECONDS=5 BACKLOG=10000 deploy/bench/run.sh
 # Knobs: BENCH_SECONDS (30), BACKLOG (100000), BENCH_CONNECTIONS (64), BENCH_OPEN_RATE (1000),
 # BENCH_LAG_RATE (2000), BENCH_LAG_RUNS (1: the lag phase's repetitions, each on an empty inbox),
-# BENCH_FOREIGN_PERCENT (20), BENCH_PHASES (all: "closed open drain lag
-# steady foreign"; pgbench always runs), WORKER_CONCURRENCY (worker default), INGEST_DB_POOL (16),
+# BENCH_FOREIGN_PERCENT (20), BENCH_PHASES (all: "closed open drain idle lag steady foreign";
+# pgbench always runs), WORKER_CONCURRENCY (worker default), INGEST_DB_POOL (16),
 # BENCH_DB_TRANSPORT (`unix`, the default: Postgres' Unix socket; or `tcp`: 127.0.0.1:5432),
 # BENCH_SQL (SQL run after migrating, to try a schema change).
 # Why unix by default: sqlx 0.9.0 does not set TCP_NODELAY (transact-rs/sqlx#4335, fixed after
@@ -34,7 +35,7 @@ open_rate="${BENCH_OPEN_RATE:-1000}"
 lag_rate="${BENCH_LAG_RATE:-2000}"
 lag_runs="${BENCH_LAG_RUNS:-1}"
 foreign_percent="${BENCH_FOREIGN_PERCENT:-20}"
-phases=" ${BENCH_PHASES:-closed open drain lag steady foreign} "
+phases=" ${BENCH_PHASES:-closed open drain idle lag steady foreign} "
 want() { [[ "$phases" == *" $1 "* ]]; }
 admin_url="postgres://postgres@127.0.0.1:5432/postgres"
 ingest_addr="127.0.0.1:18080"
@@ -280,10 +281,23 @@ kill -TERM "$worker_pid"; wait "$worker_pid" || true; worker_pid=""
 reset_inbox
 fi
 start_worker
+if want idle; then
+say "5. idle: ingest and worker running, nothing to do, 10 s"
+sleep 2
+redis_pid=$(pgrep -x redis-server | head -1)
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+redis_commands() { redis-cli -h 127.0.0.1 info stats | awk -F: '/^total_commands_processed/ { print $2 + 0 }'; }
+w0=$(ticks "$worker_pid"); r0=$(ticks "$redis_pid"); c0=$(redis_commands)
+sleep 10
+w1=$(ticks "$worker_pid"); r1=$(ticks "$redis_pid"); c1=$(redis_commands)
+jq -n --argjson w $((w1 - w0)) --argjson r $((r1 - r0)) --argjson c $((c1 - c0)) \
+  '{seconds: 10, worker_cores: ($w / 1000), redis_cores: ($r / 1000), redis_commands_per_second: ($c / 10 | round)}' \
+  | tee "$out/idle.json"
+fi
 if want lag; then
 peak_rss_mb "$ingest_pid" >/dev/null
 for run in $(seq 1 "$lag_runs"); do
-  say "5. end-to-end lag at ${lag_rate}/s for ${seconds} s (ingest + worker), run $run of $lag_runs"
+  say "6. end-to-end lag at ${lag_rate}/s for ${seconds} s (ingest + worker), run $run of $lag_runs"
   # Each run's file is lag-N.json; lag.json is the first (the summary's main row). The worker
   # stops for the reset: deleting its queue's keys would unregister it.
   if [ "$run" != 1 ]; then stop_worker; reset_inbox; start_worker; fi
@@ -301,8 +315,8 @@ jq . "$out/lag.json"
 
 fi
 
-steady_phase 6 steady 0
-steady_phase 7 foreign "$foreign_percent"
+steady_phase 7 steady 0
+steady_phase 8 foreign "$foreign_percent"
 
 say "summary (Postgres over ${BENCH_DB_TRANSPORT:-unix}; $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo), $(psql "$admin_url" -tAc 'SHOW server_version'); generator, Postgres, Redis, ingest and worker share the cores)"
 j() { if [ -f "$out/$1.json" ]; then jq -r "$2" "$out/$1.json"; else echo -; fi; }
@@ -325,6 +339,8 @@ steady_row() {
     "$(j open .errors_total)" "$(j open .verify.stored)" "$(j open .verify.accepted)"
   printf '| worker drain, %s-event backlog | %s events/s (%s s) | ≥ 3,000/s |\n' \
     "$backlog" "$(j drain .events_per_second)" "$(j drain .seconds)"
+  printf '| idle, 10 s: ingest and worker running, nothing to do | worker %s cores; Redis %s cores, %s commands/s | — |\n' \
+    "$(j idle .worker_cores)" "$(j idle .redis_cores)" "$(j idle .redis_commands_per_second)"
   printf '| end-to-end lag at %s/s, %s s: ingest commit → worker commit | p50 %s ms, p99 %s ms, max %s ms (%s decided, %s not) | p99 ≤ 500 ms |\n' \
     "$lag_rate" "$seconds" "$(j lag .lag.inbox_to_applied_ms.p50)" "$(j lag .lag.inbox_to_applied_ms.p99)" \
     "$(j lag .lag.inbox_to_applied_ms.max)" "$(j lag .lag.decided)" "$(j lag .lag.undecided)"
