@@ -421,6 +421,23 @@ fn latency_json(h: &Histogram<u64>) -> Value {
     })
 }
 
+/// Each second's request count, p99 and max, in order: a stall shows as one bad second.
+fn per_second_json(seconds: &[Histogram<u64>]) -> Vec<Value> {
+    let ms = |us: u64| us as f64 / 1000.0;
+    seconds
+        .iter()
+        .enumerate()
+        .map(|(second, h)| {
+            json!({
+                "second": second,
+                "requests": h.len(),
+                "p99_ms": ms(h.value_at_quantile(0.99)),
+                "max_ms": ms(h.max()),
+            })
+        })
+        .collect()
+}
+
 /// Counts the accepted ids in the inbox, in chunks.
 async fn verify_stored(pool: &sqlx::PgPool, ids: &[String]) -> anyhow::Result<i64> {
     let mut stored = 0;
@@ -701,11 +718,11 @@ async fn main() -> anyhow::Result<()> {
         "errors": tally.errors,
         "throughput": (ok as f64 / elapsed).round(),
         "latency_ms": latency_json(&tally.latency_us),
-        "started_unix_ms": started_wall.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default(),
-        "per_second": tally.per_second.iter().enumerate().map(|(second, h)| json!({
-            "second": second, "requests": h.len(),
-            "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0, "max_ms": h.max() as f64 / 1000.0,
-        })).collect::<Vec<_>>(),
+        "started_unix_ms": started_wall
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default(),
+        "per_second": per_second_json(&tally.per_second),
         "foreign_percent": common.foreign_percent,
         "cpu_cores": cpu,
     });
