@@ -4,175 +4,25 @@
 //! says why), 2 bad arguments.
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use futures::FutureExt;
 use shared::config::{DatabaseConfig, Source, WorkerConfig};
-use shared::db::webhook_events::DeadLetterFilter;
 use shared::queue::EmailQueue;
 use shared::shutdown::Stop;
 use shared::stripe_api::StripeClient;
 use sqlx::PgPool;
-use worker::apply::{ApplyOptions, Deps, Policy};
+use worker::apply::{Deps, Policy};
 use worker::consume::{ApplySettings, ConsumerSettings};
 use worker::email::EmailDeps;
 use worker::lookup::{CustomerLookup, LookupDeps};
-use worker::ops::{self, Output};
-use worker::reconcile::{self as reconciliation, Reconciler, Trigger};
+use worker::reconcile::{self as reconciliation, Reconciler};
 use worker::sweeper::SweeperSettings;
 
-/// Applies Stripe events to organizations' billing state.
-#[derive(Debug, Parser)]
-#[command(name = "worker", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-}
+mod cli;
+mod commands;
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Consume the event queue and sweep the inbox (the default). Configured by environment
-    /// variables; see README.
-    Run,
-    /// Apply pending database migrations, then exit. Needs only DATABASE_URL.
-    Migrate,
-    /// Events and emails the worker gave up on.
-    #[command(subcommand)]
-    DeadLetters(DeadLetters),
-    /// One stored event.
-    #[command(subcommand)]
-    Events(Events),
-    /// Compare Stripe's subscriptions with the stored ones and heal drift. Needs the worker's
-    /// environment and STRIPE_SECRET_KEY.
-    #[command(subcommand)]
-    Reconcile(Reconcile),
-    /// Store the events Stripe still has (30 days) that the inbox lacks, and enqueue them.
-    /// Needs the worker's environment and STRIPE_SECRET_KEY.
-    Backfill {
-        /// From when: RFC 3339 time, date, or age (6h, 3d); at most 30 days ago.
-        #[arg(long, value_name = "TIME", value_parser = within_event_retention)]
-        since: DateTime<Utc>,
-        /// Only events of this type (repeatable); default every type the rules handle.
-        #[arg(long = "type", value_name = "TYPE")]
-        types: Vec<String>,
-        /// Count what would be stored; store nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum Reconcile {
-    /// Run one reconciliation now, in this process.
-    Now {
-        /// Show the drift per organization; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Recent runs, newest first. Needs only DATABASE_URL.
-    History {
-        /// At most this many.
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=10_000))]
-        limit: i64,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum DeadLetters {
-    /// List dead letters, newest first. Needs only DATABASE_URL.
-    List {
-        /// Only this type (e.g. customer.subscription.updated, or email.enterprise_request).
-        #[arg(long = "type", value_name = "TYPE")]
-        event_type: Option<String>,
-        /// Only those that died since: RFC 3339 time, date, or age (30m, 6h, 7d).
-        #[arg(long, value_name = "TIME", value_parser = since)]
-        since: Option<DateTime<Utc>>,
-        /// At most this many.
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
-        limit: i64,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Apply dead letters again, now, in this process. Needs the worker's environment.
-    Replay {
-        /// The dead letter to replay: an event id (evt_…) or an outbox email id (a UUID).
-        #[arg(
-            long,
-            value_name = "EVENT_ID",
-            required_unless_present = "all",
-            conflicts_with = "all"
-        )]
-        id: Option<String>,
-        /// Every dead letter (narrowed by --type and --since): events, oldest Stripe event
-        /// first, then emails.
-        #[arg(long)]
-        all: bool,
-        /// With --all: only events of this type.
-        #[arg(long = "type", value_name = "TYPE", conflicts_with = "id")]
-        event_type: Option<String>,
-        /// With --all: only those that died since: RFC 3339 time, date, or age (30m, 6h, 7d).
-        #[arg(long, value_name = "TIME", value_parser = since, conflicts_with = "id")]
-        since: Option<DateTime<Utc>>,
-        /// Show what would change for each organization; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum Events {
-    /// Apply one stored event again, now, in this process. Needs the worker's environment.
-    Replay {
-        /// The Stripe event id (evt_…).
-        event_id: String,
-        /// Run the rules even if the event was already applied.
-        #[arg(long)]
-        force: bool,
-        /// Show what would change; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// The inbox row, its decisions and its organization's state. Needs only DATABASE_URL.
-    Show {
-        /// The Stripe event id (evt_…).
-        event_id: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-fn since(value: &str) -> Result<DateTime<Utc>, String> {
-    ops::parse_since(value, Utc::now())
-}
-
-fn within_event_retention(value: &str) -> Result<DateTime<Utc>, String> {
-    let time = since(value)?;
-    let oldest = Utc::now()
-        - chrono::TimeDelta::from_std(shared::config::EVENT_RETENTION).unwrap_or_default();
-    if time < oldest {
-        return Err(format!(
-            "{value:?} is more than 30 days ago: Stripe keeps events for 30 days"
-        ));
-    }
-    Ok(time)
-}
+use cli::{Cli, Command};
+use commands::{backfill, dead_letters, events, reconcile};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -464,114 +314,6 @@ async fn supervise(
     }
 }
 
-async fn dead_letters(command: DeadLetters) -> anyhow::Result<()> {
-    match command {
-        DeadLetters::List {
-            event_type,
-            since,
-            limit,
-            json,
-        } => {
-            let pool = connect_database().await?;
-            let rows = ops::list_dead_letters(
-                &pool,
-                &DeadLetterFilter {
-                    event_type,
-                    since,
-                    limit,
-                },
-            )
-            .await?;
-            Output { json }.print(&rows, || ops::dead_letters_text(&rows, limit));
-            Ok(())
-        }
-        DeadLetters::Replay {
-            id,
-            all: _,
-            event_type,
-            since,
-            dry_run,
-            json,
-        } => {
-            let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
-            let resources = resources(&config).await?;
-            let targets = match id {
-                Some(id) => vec![ops::DeadLetterId::parse(&id)],
-                None => {
-                    let filter = DeadLetterFilter {
-                        event_type,
-                        since,
-                        limit: i64::MAX,
-                    };
-                    ops::dead_letter_ids(&resources.events.pool, &filter).await?
-                }
-            };
-            let mut results = Vec::with_capacity(targets.len());
-            for target in &targets {
-                results.push(match target {
-                    ops::DeadLetterId::Event(id) => {
-                        ops::replay_dead_letter(&resources.events, id, dry_run).await?
-                    }
-                    ops::DeadLetterId::Email(id) => {
-                        ops::replay_dead_email(&resources.emails, *id, dry_run).await?
-                    }
-                    ops::DeadLetterId::Usage(id) => {
-                        let reconciler = resources.reconciler.as_ref().context(
-                            "configuration error: STRIPE_SECRET_KEY is required to replay usage reports",
-                        )?;
-                        ops::usage::replay(&usage_deps(&config, reconciler), id, dry_run).await?
-                    }
-                });
-            }
-            Output { json }.print(&results, || ops::replay_text(&results));
-            let failed = results.iter().filter(|r| r.is_failure()).count();
-            anyhow::ensure!(
-                failed == 0,
-                "{failed} of {} dead letters were not applied or sent",
-                targets.len()
-            );
-            Ok(())
-        }
-    }
-}
-
-async fn events(command: Events) -> anyhow::Result<()> {
-    match command {
-        Events::Replay {
-            event_id,
-            force,
-            dry_run,
-            json,
-        } => {
-            let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
-            let deps = resources(&config).await?.events;
-            let options = ApplyOptions { force, dry_run };
-            let output = Output { json };
-            match ops::replay_event(&deps, &event_id, options).await? {
-                Some(result) => {
-                    output.print(&result, || ops::replay_text(std::slice::from_ref(&result)));
-                    anyhow::ensure!(
-                        !result.is_failure(),
-                        "{event_id} was not applied: {}",
-                        result.detail.as_deref().unwrap_or(&result.decision)
-                    );
-                }
-                None => {
-                    let details = ops::show_event(&deps.pool, &event_id).await?;
-                    output.print(&details, || ops::already_applied_text(&details));
-                }
-            }
-            Ok(())
-        }
-        Events::Show { event_id, json } => {
-            let pool = connect_database().await?;
-            let details = ops::show_event(&pool, &event_id).await?;
-            Output { json }.print(&details, || ops::event_text(&details));
-            Ok(())
-        }
-    }
-}
-
 /// The usage reporter's dependencies, on the reconciler's Stripe client and pool.
 fn usage_deps(config: &WorkerConfig, reconciler: &Reconciler) -> worker::usage::UsageDeps {
     worker::usage::UsageDeps {
@@ -582,52 +324,4 @@ fn usage_deps(config: &WorkerConfig, reconciler: &Reconciler) -> worker::usage::
         deferral_window: config.deferral_window,
         lease: config.usage.report_lease,
     }
-}
-
-/// The reconciler of the worker's environment; STRIPE_SECRET_KEY is required.
-async fn reconciler() -> anyhow::Result<Reconciler> {
-    let config = WorkerConfig::load(&Source::env()).context("configuration error")?;
-    anyhow::ensure!(
-        config.stripe.secret_key.is_some(),
-        "configuration error: STRIPE_SECRET_KEY is required to talk to Stripe's API"
-    );
-    let resources = resources(&config).await?;
-    resources
-        .reconciler
-        .context("configuration error: STRIPE_SECRET_KEY is required")
-}
-
-async fn reconcile(command: Reconcile) -> anyhow::Result<()> {
-    match command {
-        Reconcile::Now { dry_run, json } => {
-            let reconciler = reconciler().await?;
-            let report = reconciliation::run(&reconciler, Trigger::Manual, dry_run).await?;
-            Output { json }.print(&report, || reconciliation::render::report_text(&report));
-            anyhow::ensure!(
-                report.status == "succeeded",
-                "reconciliation run {} failed: {}",
-                report.run_id,
-                report.error.as_deref().unwrap_or("see the report")
-            );
-            Ok(())
-        }
-        Reconcile::History { limit, json } => {
-            let pool = connect_database().await?;
-            let runs = shared::db::reconciliation_runs::history(&pool, limit).await?;
-            Output { json }.print(&runs, || reconciliation::render::history_text(&runs));
-            Ok(())
-        }
-    }
-}
-
-async fn backfill(
-    since: DateTime<Utc>,
-    types: &[String],
-    dry_run: bool,
-    json: bool,
-) -> anyhow::Result<()> {
-    let reconciler = reconciler().await?;
-    let report = reconciliation::backfill::backfill(&reconciler, since, types, dry_run).await?;
-    Output { json }.print(&report, || reconciliation::render::backfill_text(&report));
-    Ok(())
 }
