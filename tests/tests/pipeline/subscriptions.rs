@@ -47,6 +47,25 @@ pub(super) fn subscription(customer: &Customer, status: &str, cancel: bool, t: i
     customer.subscription(status, cancel, t + 30 * 86_400)
 }
 
+/// The start most cases share, then `then`: a checkout 10 s before `t`, and the subscription
+/// it created, active since `t`.
+pub(super) fn subscribed_then(
+    customer: &Customer,
+    t: i64,
+    then: impl IntoIterator<Item = Value>,
+) -> Vec<Value> {
+    let created = customer.event(
+        "created",
+        "customer.subscription.created",
+        t,
+        subscription(customer, "active", false, t),
+    );
+    [customer.checkout_event(t - 10), created]
+        .into_iter()
+        .chain(then)
+        .collect()
+}
+
 #[tokio::test]
 async fn a_replacement_delivered_out_of_order_ends_on_the_new_subscription() {
     let p = started().await;
@@ -57,33 +76,30 @@ async fn a_replacement_delivered_out_of_order_ends_on_the_new_subscription() {
         let deleted_at = if same_second { t + 100 } else { t + 101 };
         let decisions = deliver_in_order(
             &p,
-            &[
-                a.checkout_event(t - 10),
-                a.event(
-                    "created",
-                    "customer.subscription.created",
-                    t,
-                    subscription(&a, "active", false, t),
-                ),
-                a.event(
-                    "deleted",
-                    "customer.subscription.deleted",
-                    deleted_at,
-                    subscription(&a, "canceled", false, t),
-                ),
-                b.event(
-                    "created",
-                    "customer.subscription.created",
-                    t + 100,
-                    subscription(&b, "active", false, t + 100),
-                ),
-                b.event(
-                    "paid",
-                    "invoice.paid",
-                    t + 100,
-                    b.invoice(2000, "subscription_create"),
-                ),
-            ],
+            &subscribed_then(
+                &a,
+                t,
+                [
+                    a.event(
+                        "deleted",
+                        "customer.subscription.deleted",
+                        deleted_at,
+                        subscription(&a, "canceled", false, t),
+                    ),
+                    b.event(
+                        "created",
+                        "customer.subscription.created",
+                        t + 100,
+                        subscription(&b, "active", false, t + 100),
+                    ),
+                    b.event(
+                        "paid",
+                        "invoice.paid",
+                        t + 100,
+                        b.invoice(2000, "subscription_create"),
+                    ),
+                ],
+            ),
         )
         .await;
         let body = billing(&p, &a).await;
@@ -107,33 +123,30 @@ async fn another_subscription_never_takes_over_an_active_one() {
     let t = now() - 1000;
     deliver_in_order(
         &p,
-        &[
-            a.checkout_event(t - 10),
-            a.event(
-                "created",
-                "customer.subscription.created",
-                t,
-                subscription(&a, "active", false, t),
-            ),
-            b.event(
-                "created",
-                "customer.subscription.created",
-                t + 200,
-                subscription(&b, "active", false, t + 200),
-            ),
-            a.event(
-                "cancel",
-                "customer.subscription.updated",
-                t + 201,
-                subscription(&a, "active", true, t),
-            ),
-            a.event(
-                "deleted",
-                "customer.subscription.deleted",
-                t + 202,
-                subscription(&a, "canceled", true, t),
-            ),
-        ],
+        &subscribed_then(
+            &a,
+            t,
+            [
+                b.event(
+                    "created",
+                    "customer.subscription.created",
+                    t + 200,
+                    subscription(&b, "active", false, t + 200),
+                ),
+                a.event(
+                    "cancel",
+                    "customer.subscription.updated",
+                    t + 201,
+                    subscription(&a, "active", true, t),
+                ),
+                a.event(
+                    "deleted",
+                    "customer.subscription.deleted",
+                    t + 202,
+                    subscription(&a, "canceled", true, t),
+                ),
+            ],
+        ),
     )
     .await;
     assert_eq!(
@@ -146,27 +159,24 @@ async fn another_subscription_never_takes_over_an_active_one() {
     let b = a.with_subscription("b");
     deliver_in_order(
         &p,
-        &[
-            a.checkout_event(t - 10),
-            a.event(
-                "created",
-                "customer.subscription.created",
-                t,
-                subscription(&a, "active", false, t),
-            ),
-            b.event(
-                "created",
-                "customer.subscription.created",
-                t + 100,
-                subscription(&b, "incomplete", false, t + 100),
-            ),
-            b.event(
-                "expired",
-                "customer.subscription.updated",
-                t + 200,
-                subscription(&b, "incomplete_expired", false, t + 100),
-            ),
-        ],
+        &subscribed_then(
+            &a,
+            t,
+            [
+                b.event(
+                    "created",
+                    "customer.subscription.created",
+                    t + 100,
+                    subscription(&b, "incomplete", false, t + 100),
+                ),
+                b.event(
+                    "expired",
+                    "customer.subscription.updated",
+                    t + 200,
+                    subscription(&b, "incomplete_expired", false, t + 100),
+                ),
+            ],
+        ),
     )
     .await;
     assert_eq!(
@@ -182,28 +192,25 @@ async fn lifetime_access_outlives_the_subscription_it_replaced() {
     let t = now() - 1000;
     deliver_in_order(
         &p,
-        &[
-            a.checkout_event(t - 10),
-            a.event(
-                "created",
-                "customer.subscription.created",
-                t,
-                subscription(&a, "active", false, t),
-            ),
-            a.lifetime_checkout_event(t + 100),
-            a.event(
-                "deleted",
-                "customer.subscription.deleted",
-                t + 200,
-                subscription(&a, "canceled", false, t),
-            ),
-            a.event(
-                "paid",
-                "invoice.paid",
-                t + 300,
-                a.invoice(2000, "subscription_cycle"),
-            ),
-        ],
+        &subscribed_then(
+            &a,
+            t,
+            [
+                a.lifetime_checkout_event(t + 100),
+                a.event(
+                    "deleted",
+                    "customer.subscription.deleted",
+                    t + 200,
+                    subscription(&a, "canceled", false, t),
+                ),
+                a.event(
+                    "paid",
+                    "invoice.paid",
+                    t + 300,
+                    a.invoice(2000, "subscription_cycle"),
+                ),
+            ],
+        ),
     )
     .await;
     let body = billing(&p, &a).await;
@@ -355,17 +362,14 @@ async fn a_failed_payment_never_loosens_access() {
     older_paid["created"] = json!(t - 30 * 86_400);
     deliver_in_order(
         &p,
-        &[
-            a.checkout_event(t - 10),
-            a.event(
-                "created",
-                "customer.subscription.created",
-                t,
-                subscription(&a, "active", false, t),
-            ),
-            a.event("failed", "invoice.payment_failed", t + 100, newer_failure),
-            a.event("paid_old", "invoice.paid", t + 200, older_paid),
-        ],
+        &subscribed_then(
+            &a,
+            t,
+            [
+                a.event("failed", "invoice.payment_failed", t + 100, newer_failure),
+                a.event("paid_old", "invoice.paid", t + 200, older_paid),
+            ],
+        ),
     )
     .await;
     assert_eq!(billing(&p, &a).await["plan_status"], "past_due");
@@ -381,21 +385,16 @@ async fn a_portal_cancellation_with_cancel_at_shows_when_access_ends() {
     cancelling["canceled_at"] = json!(t + 50);
     deliver_in_order(
         &p,
-        &[
-            a.checkout_event(t - 10),
-            a.event(
-                "created",
-                "customer.subscription.created",
-                t,
-                subscription(&a, "active", false, t),
-            ),
-            a.event(
+        &subscribed_then(
+            &a,
+            t,
+            [a.event(
                 "cancel",
                 "customer.subscription.updated",
                 t + 50,
                 cancelling,
-            ),
-        ],
+            )],
+        ),
     )
     .await;
     let body = billing(&p, &a).await;

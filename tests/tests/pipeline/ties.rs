@@ -7,7 +7,7 @@ use e2e::harness::{FakeStripe, Pipeline, eventually, unique_tag};
 use e2e::stripe_events::Customer;
 use serde_json::Value;
 
-use super::subscriptions::{billing, deliver_in_order, now, subscription};
+use super::subscriptions::{billing, deliver_in_order, now, subscribed_then, subscription};
 
 /// A worker with a Stripe key (and `extra` settings), and a customer whose subscription is
 /// active since `t`; returns them with an invoice failure of that same second, which ties the
@@ -23,19 +23,7 @@ async fn a_tie_to_post(extra: &[(&str, &str)]) -> (Pipeline, FakeStripe, Custome
     p.start_worker();
     let a = Customer::new(&unique_tag());
     let t = now() - 1000;
-    deliver_in_order(
-        &p,
-        &[
-            a.checkout_event(t - 10),
-            a.event(
-                "created",
-                "customer.subscription.created",
-                t,
-                subscription(&a, "active", false, t),
-            ),
-        ],
-    )
-    .await;
+    deliver_in_order(&p, &subscribed_then(&a, t, [])).await;
     let tie = a.event(
         "failed",
         "invoice.payment_failed",
@@ -45,19 +33,6 @@ async fn a_tie_to_post(extra: &[(&str, &str)]) -> (Pipeline, FakeStripe, Custome
     (p, stripe, a, t, tie)
 }
 
-/// The events that make `other` an active subscriber since `t`.
-fn checkout_and_subscription(other: &Customer, t: i64) -> [Value; 2] {
-    [
-        other.checkout_event(t),
-        other.event(
-            "created",
-            "customer.subscription.created",
-            t + 1,
-            subscription(other, "active", false, t),
-        ),
-    ]
-}
-
 #[tokio::test]
 async fn a_failed_tie_refetch_fails_only_its_own_event_and_holds_no_lock() {
     let (p, stripe, a, t, tie) = a_tie_to_post(&[("RETRY_BASE_MS", "200")]).await;
@@ -65,7 +40,7 @@ async fn a_failed_tie_refetch_fails_only_its_own_event_and_holds_no_lock() {
     assert_eq!(p.client.post_event(&tie).await.0, 200);
     // Another organization's events are applied while the tie's refetch keeps failing.
     let other = Customer::new(&unique_tag());
-    deliver_in_order(&p, &checkout_and_subscription(&other, t)).await;
+    deliver_in_order(&p, &subscribed_then(&other, t, [])).await;
     assert_eq!(billing(&p, &other).await["plan_status"], "active");
     let tie_id = tie["id"].as_str().expect("id");
     eventually(
@@ -108,7 +83,7 @@ async fn a_batch_waiting_for_stripe_to_settle_a_tie_holds_back_no_other_batch() 
     // Stripe does not answer for a minute (the client gives up after 20 s); another
     // organization's events are applied meanwhile, not after.
     let other = Customer::new(&unique_tag());
-    for ev in checkout_and_subscription(&other, t) {
+    for ev in subscribed_then(&other, t, []) {
         assert_eq!(p.client.post_event(&ev).await.0, 200);
     }
     eventually(
