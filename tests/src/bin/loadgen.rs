@@ -185,8 +185,10 @@ impl CpuProbe {
 /// One request slot's tallies; merged at the end.
 struct Tally {
     latency_us: Histogram<u64>,
-    /// The same latencies by the second of the load they were sent (or due) in.
-    per_second: Vec<Histogram<u64>>,
+    /// Each latency (µs) with the second of the load it was sent (or due) in; made into one
+    /// histogram per second only for the report (a histogram per slot and second would cost
+    /// ~150 KB each).
+    timeline: Vec<(u32, u64)>,
     errors: BTreeMap<String, u64>,
     accepted: Vec<u64>,
 }
@@ -195,7 +197,7 @@ impl Tally {
     fn new() -> Tally {
         Tally {
             latency_us: latency_histogram(),
-            per_second: Vec::new(),
+            timeline: Vec::new(),
             errors: BTreeMap::new(),
             accepted: Vec::new(),
         }
@@ -203,27 +205,18 @@ impl Tally {
 
     fn merge(&mut self, other: Tally) {
         let _ = self.latency_us.add(&other.latency_us);
-        for (second, h) in other.per_second.into_iter().enumerate() {
-            let _ = self.second(second).add(&h);
-        }
+        self.timeline.extend(other.timeline);
         for (kind, n) in other.errors {
             *self.errors.entry(kind).or_default() += n;
         }
         self.accepted.extend(other.accepted);
     }
 
-    fn second(&mut self, second: usize) -> &mut Histogram<u64> {
-        if self.per_second.len() <= second {
-            self.per_second.resize_with(second + 1, latency_histogram);
-        }
-        &mut self.per_second[second]
-    }
-
     /// `at`: when the request was sent (closed loop) or due (open loop), from the start.
     fn record(&mut self, seq: u64, at: Duration, latency: Duration, outcome: Result<u16, String>) {
         let us = latency.as_micros().max(1) as u64;
         self.latency_us.saturating_record(us);
-        self.second(at.as_secs() as usize).saturating_record(us);
+        self.timeline.push((at.as_secs() as u32, us));
         match outcome {
             Ok(200) => self.accepted.push(seq),
             Ok(status) => *self.errors.entry(status.to_string()).or_default() += 1,
@@ -422,7 +415,15 @@ fn latency_json(h: &Histogram<u64>) -> Value {
 }
 
 /// Each second's request count, p99 and max, in order: a stall shows as one bad second.
-fn per_second_json(seconds: &[Histogram<u64>]) -> Vec<Value> {
+fn per_second_json(timeline: &[(u32, u64)]) -> Vec<Value> {
+    let mut seconds: Vec<Histogram<u64>> = Vec::new();
+    for &(second, us) in timeline {
+        let second = second as usize;
+        if seconds.len() <= second {
+            seconds.resize_with(second + 1, latency_histogram);
+        }
+        seconds[second].saturating_record(us);
+    }
     let ms = |us: u64| us as f64 / 1000.0;
     seconds
         .iter()
@@ -722,7 +723,7 @@ async fn main() -> anyhow::Result<()> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default(),
-        "per_second": per_second_json(&tally.per_second),
+        "per_second": per_second_json(&tally.timeline),
         "foreign_percent": common.foreign_percent,
         "cpu_cores": cpu,
     });
