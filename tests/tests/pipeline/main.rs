@@ -392,6 +392,7 @@ mod payments;
 mod reconcile;
 mod recovery;
 mod redis_eviction;
+mod resolution;
 mod subscriptions;
 mod ties;
 mod usage;
